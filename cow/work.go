@@ -1,0 +1,90 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
+
+// PrepareWork opens workdir/work, creating it (mode 0, as the kernel does)
+// if missing, and removes every stale entry left in it by a crash, so that
+// no half-built copy survives a restart. workdir is an open directory fd of
+// the work dir. It returns an fd of workdir/work.
+func PrepareWork(workdir int) (int, error) {
+	err := unix.Mkdirat(workdir, "work", 0)
+	if err != nil && !errors.Is(err, unix.EEXIST) {
+		return -1, fmt.Errorf("create work dir: %w", err)
+	}
+	fd, err := unix.Openat(workdir, "work", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open work dir: %w", err)
+	}
+	if err := ClearDir(fd); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("clear work dir: %w", err)
+	}
+	return fd, nil
+}
+
+// ClearDir removes everything inside the directory open as fd, recursively,
+// without following symlinks.
+func ClearDir(fd int) error {
+	names, err := ReadNames(fd)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := RemoveAllAt(fd, name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// RemoveAllAt removes name in dirfd and, for a directory, everything in it.
+func RemoveAllAt(dirfd int, name string) error {
+	err := unix.Unlinkat(dirfd, name, 0)
+	if err == nil || errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if !errors.Is(err, unix.EISDIR) && !errors.Is(err, unix.EPERM) {
+		return fmt.Errorf("remove %q: %w", name, err)
+	}
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %q: %w", name, err)
+	}
+	// A dir with mode 0 (the kernel's work dirs) cannot be listed by a
+	// non-owner; make it accessible first.
+	_ = unix.Fchmod(fd, 0o700)
+	err = ClearDir(fd)
+	unix.Close(fd)
+	if err != nil {
+		return err
+	}
+	if err := unix.Unlinkat(dirfd, name, unix.AT_REMOVEDIR); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("remove %q: %w", name, err)
+	}
+	return nil
+}
+
+// ReadNames lists the entries of the directory open as fd (which must not
+// be O_PATH), without "." and "..".
+func ReadNames(fd int) ([]string, error) {
+	if _, err := unix.Seek(fd, 0, 0); err != nil {
+		return nil, err
+	}
+	var names []string
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := unix.Getdents(fd, buf)
+		if err != nil {
+			return nil, err
+		}
+		if n <= 0 {
+			return names, nil
+		}
+		_, _, names = unix.ParseDirent(buf[:n], -1, names)
+	}
+}
