@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"sort"
 	"strings"
 
@@ -186,4 +185,3 @@ func init() {
 	})
 }
 
-var _ = os.Getpid

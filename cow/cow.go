@@ -161,7 +161,7 @@ func (c *Copier) metadata(work int, tmp string, fd int, srcDir int, srcName stri
 		// file this user creates would.
 	}
 	if !isLink {
-		if err := unix.Fchmodat(work, tmp, st.Mode&0o7777, 0); err != nil {
+		if err := sysx.Chmodat(work, tmp, st.Mode&0o7777); err != nil {
 			return fmt.Errorf("chmod: %w", err)
 		}
 	}

@@ -20,11 +20,13 @@ type xattrArgs struct {
 // from then on the /proc/self/fd fallback is used.
 var noXattrAt atomic.Bool
 
-// atFlags returns the flags and path for an *xattrat call on name in dirfd:
-// an empty name means dirfd itself. Symlinks are never followed.
+// atArgs returns the path and flags for an *xattrat call on name in
+// dirfd: an empty name means dirfd itself, which must then be a directory
+// (it is reached as "."; AT_EMPTY_PATH does not accept O_PATH fds).
+// Symlinks are never followed.
 func atArgs(name string) (string, int) {
-	if name == "" || name == "." {
-		return "", unix.AT_SYMLINK_NOFOLLOW | unix.AT_EMPTY_PATH
+	if name == "" {
+		return ".", unix.AT_SYMLINK_NOFOLLOW
 	}
 	return name, unix.AT_SYMLINK_NOFOLLOW
 }

@@ -1,0 +1,282 @@
+package cmd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"strata/unionfs"
+)
+
+// mountFlags are the flags of "strata mount".
+type mountFlags struct {
+	options    []string
+	foreground bool
+	mode       string
+	force      bool
+	debugFUSE  bool
+	dryRun     bool
+	source     string
+	readyFd    int
+	logFile    string
+}
+
+func (f *mountFlags) register(fs *pflag.FlagSet) {
+	fs.StringArrayVarP(&f.options, "options", "o", nil, "mount options, comma-separated (may repeat): lowerdir=TOP:...:BOTTOM[,upperdir=DIR,workdir=DIR][,...]")
+	fs.BoolVarP(&f.foreground, "foreground", "f", false, "stay in the foreground (do not daemonize); SIGINT/SIGTERM unmount")
+	fs.StringVar(&f.mode, "mode", "fuse", "engine: fuse (strata's FUSE server), kernel (hand the mount to kernel overlay) or auto (kernel if it can, else fuse)")
+	fs.BoolVar(&f.force, "force", false, "mount even if the upper or work dir is used by another live mount (the result is undefined)")
+	fs.BoolVar(&f.debugFUSE, "debug-fuse", false, "log every FUSE request and reply (implies --foreground)")
+	fs.BoolVar(&f.dryRun, "dry-run", false, "validate everything, print what would be mounted, mount nothing")
+	fs.StringVar(&f.source, "source", "", "name shown as the mount's source in /proc/mounts (default \"strata\")")
+	fs.StringVar(&f.logFile, "log-file", "", "daemon log file (default: discard once daemonized)")
+	fs.IntVar(&f.readyFd, "ready-fd", -1, "internal: report readiness on this fd")
+	_ = fs.MarkHidden("ready-fd")
+}
+
+const mountHelp = `Mounts a union of directories with the semantics of Linux overlayfs.
+
+Options (-o) use the kernel's syntax: lowerdir=A:B:C lists the read-only
+layers, top first ("\:" escapes a colon, "\," a comma); upperdir= and
+workdir= (same filesystem) make the mount writable; without them it is
+read-only. Also: userxattr (user.overlay.* format, automatic without
+privilege), ro, allow_other, default_permissions, squash_to_root,
+squash_to_uid=N, squash_to_gid=N, uidmapping=C:H:N[:...],
+gidmapping=C:H:N[:...], fsync=0 or volatile, timeout=SECONDS (kernel cache
+timeouts, default 3600), fsname=NAME, and the generic mount flags (nosuid,
+nodev, noexec, noatime, ...). Kernel overlay options strata does not
+implement (redirect_dir=on, index=on, metacopy=on, nfs_export=on, ...) are
+refused by name.
+
+The command returns once the mount is live; the server runs in the
+background until "strata umount MOUNTPOINT" (or umount/fusermount3 -u).
+mount(8) can run it as a mount.fuse helper:
+  mount -t fuse.strata strata MOUNTPOINT -o lowerdir=...`
+
+func init() {
+	register(&command{
+		name: "mount", args: "[flags] -o OPTIONS MOUNTPOINT", summary: "mount a layer stack", help: mountHelp,
+		setup: func(fs *pflag.FlagSet) func(context.Context, *env, []string) error {
+			f := &mountFlags{}
+			f.register(fs)
+			return func(ctx context.Context, e *env, args []string) error { return runMount(ctx, e, f, args) }
+		},
+	})
+}
+
+// parseMountArgs validates the command line of a mount.
+func parseMountArgs(f *mountFlags, args []string) (unionfs.Options, string, error) {
+	if len(args) != 1 {
+		return unionfs.Options{}, "", usagef("want exactly one MOUNTPOINT, got %d arguments", len(args))
+	}
+	if len(f.options) == 0 {
+		return unionfs.Options{}, "", usagef("missing -o lowerdir=...")
+	}
+	o, err := unionfs.ParseOptions(strings.Join(f.options, ","))
+	if err != nil {
+		return o, "", usagef("%v", err)
+	}
+	o.Force = f.force
+	o.DebugFUSE = f.debugFUSE
+	if f.source != "" && o.FsName == "" {
+		o.FsName = f.source
+	}
+	switch f.mode {
+	case "fuse", "kernel", "auto":
+	default:
+		return o, "", usagef("--mode must be fuse, kernel or auto, not %q", f.mode)
+	}
+	return o, args[0], nil
+}
+
+func runMount(ctx context.Context, e *env, f *mountFlags, args []string) error {
+	o, mnt, err := parseMountArgs(f, args)
+	if err != nil {
+		return err
+	}
+	if err := o.Resolve(); err != nil {
+		return err
+	}
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	if err := checkNotMounted(mnt); err != nil {
+		return err
+	}
+	if f.mode != "fuse" {
+		return usagef("--mode=%s is not available yet", f.mode)
+	}
+	if f.dryRun {
+		fmt.Fprintf(e.stdout, "would mount (fuse) %s: %s\n", mnt, o.String())
+		return nil
+	}
+	if f.foreground || f.debugFUSE || f.readyFd >= 0 {
+		return serveForeground(ctx, e, f, o, mnt)
+	}
+	return daemonize(e, f)
+}
+
+// checkNotMounted refuses a mount point that is already a mount point of
+// a union (mounting over it would hide it).
+func checkNotMounted(mnt string) error {
+	abs, err := absPath(mnt)
+	if err != nil {
+		return &unionfs.LayerError{Role: "mountpoint", Path: mnt, Err: err}
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(abs, &st); err != nil {
+		return &unionfs.LayerError{Role: "mountpoint", Path: mnt, Err: err}
+	}
+	mounts, err := unionfs.ReadMounts()
+	if err != nil {
+		return nil
+	}
+	for _, m := range mounts {
+		if m.Mountpoint == abs {
+			return &unionfs.LayerError{Role: "mountpoint", Path: mnt, Err: fmt.Errorf("busy: already a %s mount", m.Engine)}
+		}
+	}
+	return nil
+}
+
+// serveForeground mounts and serves until unmounted or signalled.
+func serveForeground(ctx context.Context, e *env, f *mountFlags, o unionfs.Options, mnt string) error {
+	if f.debugFUSE {
+		e.logLevel.Set(-4) // debug
+	}
+	log := e.log
+	if f.logFile != "" {
+		lf, err := os.OpenFile(f.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			return err
+		}
+		defer lf.Close()
+		log = newLogger(lf, e.logLevel)
+	}
+	o.Logger = log
+	srv, err := unionfs.Mount(mnt, o)
+	ready(f.readyFd, err)
+	if err != nil {
+		return err
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	done := make(chan struct{})
+	go func() {
+		srv.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		log.Info("unmounted", "mountpoint", srv.Mountpoint())
+		return nil
+	case <-ctx.Done():
+	case s := <-sigs:
+		log.Info("signal: unmounting", "signal", s.String(), "mountpoint", srv.Mountpoint())
+	}
+	if err := srv.Unmount(); err != nil {
+		// Busy: detach it, so that it disappears now and the server ends
+		// when the last user lets go.
+		log.Warn("unmount busy; detaching", "mountpoint", srv.Mountpoint(), "err", err)
+		if derr := detach(srv.Mountpoint()); derr != nil {
+			return fmt.Errorf("%v; lazy unmount: %v", err, derr)
+		}
+		<-done
+	}
+	return nil
+}
+
+// ready reports the mount's outcome to a waiting parent (daemon mode).
+func ready(fd int, err error) {
+	if fd < 0 {
+		return
+	}
+	w := os.NewFile(uintptr(fd), "ready")
+	if err != nil {
+		fmt.Fprintf(w, "%v\n", err)
+	} else {
+		fmt.Fprintf(w, "ok\n")
+	}
+	w.Close()
+}
+
+// daemonize runs the mount in a new session in the background and returns
+// once it is live or has failed.
+func daemonize(e *env, f *mountFlags) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	args := append([]string{"mount", "--ready-fd=3"}, os.Args[2:]...)
+	if !isMountCommand(os.Args) {
+		// Invoked in the mount.fuse helper form: rebuild the argv.
+		args = append([]string{"mount", "--ready-fd=3"}, helperArgs(os.Args[1:])...)
+	}
+	cmd := exec.Command(self, args...)
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer devnull.Close()
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, devnull
+	if f.logFile == "" {
+		cmd.Env = append(os.Environ(), "STRATA_DAEMON=1")
+	}
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		r.Close()
+		return err
+	}
+	w.Close()
+	defer r.Close()
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	line, rerr := bufio.NewReader(r).ReadString('\n')
+	line = strings.TrimSpace(line)
+	if rerr == nil && line == "ok" {
+		go func() { <-exited }()
+		return nil
+	}
+	select {
+	case err := <-exited:
+		if line == "" {
+			return fmt.Errorf("mount daemon exited before the mount was live: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+	}
+	if line == "" {
+		line = "mount daemon failed"
+	}
+	return errors.New(line)
+}
+
+func isMountCommand(argv []string) bool { return len(argv) > 1 && argv[1] == "mount" }
+
+// detach lazily unmounts mnt.
+func detach(mnt string) error {
+	if os.Geteuid() == 0 {
+		return syscall.Unmount(mnt, syscall.MNT_DETACH)
+	}
+	out, err := exec.Command("fusermount3", "-u", "-z", mnt).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("fusermount3 -u -z: %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+

@@ -1,0 +1,271 @@
+package unionfs
+
+import (
+	"context"
+	"sync"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// fileHandle is an open regular file: an fd of the object in one layer.
+type fileHandle struct {
+	n *node
+
+	mu    sync.RWMutex
+	fd    int // protected by mu (replaced when a lower handle follows a copy-up)
+	layer int // protected by mu
+	flags int // open flags, as given to openat
+}
+
+// openFlags are the flags strata opens a layer file with for an open(2)
+// with flags: no creation flags (the object exists), no O_APPEND (the
+// kernel sends explicit offsets, as in go-fuse's loopback), no O_DIRECT
+// (data goes through FUSE buffers, which need not be aligned), never
+// following a symlink.
+func openFlags(flags uint32) int {
+	f := int(flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_NOCTTY | unix.O_APPEND | unix.O_DIRECT | unix.O_TRUNC)
+	return f | unix.O_NOFOLLOW | unix.O_CLOEXEC
+}
+
+// wantsWrite reports whether an open with flags changes the file, so that a
+// lower file must be copied up first.
+func wantsWrite(flags uint32) bool {
+	return flags&unix.O_ACCMODE != unix.O_RDONLY || flags&unix.O_TRUNC != 0
+}
+
+var _ = (fs.NodeOpener)((*node)(nil))
+
+// Open opens the object, copying it up first when the open may change it.
+func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	s := n.s
+	if wantsWrite(flags) {
+		if !s.writable {
+			return nil, 0, syscall.EROFS
+		}
+		if err := s.copyUp(ctx, n); err != nil {
+			return nil, 0, s.toErrno(ctx, "open", n, err)
+		}
+	}
+	h, err := s.openHandle(n, openFlags(flags))
+	if err != nil {
+		return nil, 0, s.toErrno(ctx, "open", n, err)
+	}
+	if flags&unix.O_TRUNC != 0 {
+		if err := unix.Ftruncate(h.fd, 0); err != nil {
+			h.Release(ctx)
+			return nil, 0, s.toErrno(ctx, "open", n, err)
+		}
+	}
+	return h, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// openHandle opens n's object in its current layer.
+func (s *Stack) openHandle(n *node, flags int) (*fileHandle, error) {
+	n.mu.Lock()
+	layer := n.layer
+	n.mu.Unlock()
+	loc := n.location()
+	ref, err := s.dirfd(loc.parent, layer)
+	if err != nil {
+		return nil, err
+	}
+	fd, err := unix.Openat(ref.fd, loc.name, flags, 0)
+	s.release(ref)
+	if err != nil {
+		return nil, err
+	}
+	return &fileHandle{n: n, fd: fd, layer: layer, flags: flags}, nil
+}
+
+// current returns the handle's fd, first switching a read-only handle of a
+// lower file to the upper copy if the file was copied up since it was
+// opened: the kernel's readers see the new data too
+// (fs/overlayfs/file.c:ovl_real_fdget). The caller must call h.mu.RUnlock.
+func (h *fileHandle) current() int {
+	h.mu.RLock()
+	if h.layer == 0 || h.n.s.upper == nil {
+		return h.fd
+	}
+	n := h.n
+	n.mu.Lock()
+	up := n.inUpperLocked()
+	n.mu.Unlock()
+	if !up {
+		return h.fd
+	}
+	h.mu.RUnlock()
+	h.mu.Lock()
+	if h.layer != 0 {
+		if nh, err := n.s.openHandle(n, h.flags); err == nil {
+			unix.Close(h.fd)
+			h.fd, h.layer = nh.fd, nh.layer
+		}
+	}
+	h.mu.Unlock()
+	h.mu.RLock()
+	return h.fd
+}
+
+// fstat stats the open file; ok is false if the handle is not current.
+func (h *fileHandle) fstat() (unix.Stat_t, bool) {
+	var st unix.Stat_t
+	fd := h.current()
+	err := unix.Fstat(fd, &st)
+	h.mu.RUnlock()
+	return st, err == nil
+}
+
+var _ = (fs.FileReader)((*fileHandle)(nil))
+
+// Read reads from the layer file, by splice where possible.
+func (h *fileHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	fd := h.current()
+	defer h.mu.RUnlock()
+	n, err := unix.Pread(fd, dest, off)
+	if err != nil {
+		return nil, h.n.s.toErrno(ctx, "read", h.n, err)
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+var _ = (fs.FileWriter)((*fileHandle)(nil))
+
+// Write writes to the (upper) layer file.
+func (h *fileHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	fd := h.current()
+	defer h.mu.RUnlock()
+	n, err := unix.Pwrite(fd, data, off)
+	if err != nil {
+		return 0, h.n.s.toErrno(ctx, "write", h.n, err)
+	}
+	return uint32(n), 0
+}
+
+var _ = (fs.FileGetattrer)((*fileHandle)(nil))
+
+// Getattr stats the open file.
+func (h *fileHandle) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
+	st, ok := h.fstat()
+	if !ok {
+		return syscall.EIO
+	}
+	h.n.s.fillAttr(h.n, nil, &st, &out.Attr)
+	return 0
+}
+
+var _ = (fs.FileFlusher)((*fileHandle)(nil))
+
+// Flush reports write-back errors at close(2), as a local filesystem does:
+// closing a duplicate of the fd surfaces them without closing ours.
+func (h *fileHandle) Flush(ctx context.Context) syscall.Errno {
+	fd := h.current()
+	defer h.mu.RUnlock()
+	nfd, err := unix.Dup(fd)
+	if err != nil {
+		return h.n.s.toErrno(ctx, "flush", h.n, err)
+	}
+	return h.n.s.toErrno(ctx, "flush", h.n, unix.Close(nfd))
+}
+
+var _ = (fs.FileFsyncer)((*fileHandle)(nil))
+
+// Fsync syncs the file (fdatasync when asked), unless -o fsync=0.
+func (h *fileHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	if h.n.s.opts.NoSync {
+		return 0
+	}
+	fd := h.current()
+	defer h.mu.RUnlock()
+	var err error
+	if flags&1 != 0 { // FUSE_FSYNC_FDATASYNC
+		err = unix.Fdatasync(fd)
+	} else {
+		err = unix.Fsync(fd)
+	}
+	return h.n.s.toErrno(ctx, "fsync", h.n, err)
+}
+
+var _ = (fs.FileReleaser)((*fileHandle)(nil))
+
+// Release closes the layer fd.
+func (h *fileHandle) Release(ctx context.Context) syscall.Errno {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.fd >= 0 {
+		unix.Close(h.fd)
+		h.fd = -1
+	}
+	return 0
+}
+
+var _ = (fs.FileLseeker)((*fileHandle)(nil))
+
+// Lseek answers SEEK_DATA and SEEK_HOLE from the layer file.
+func (h *fileHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	fd := h.current()
+	defer h.mu.RUnlock()
+	r, err := unix.Seek(fd, int64(off), int(whence))
+	if err != nil {
+		return 0, h.n.s.toErrno(ctx, "lseek", h.n, err)
+	}
+	return uint64(r), 0
+}
+
+var _ = (fs.FileAllocater)((*fileHandle)(nil))
+
+// Allocate is fallocate(2) on the (upper) layer file.
+func (h *fileHandle) Allocate(ctx context.Context, off, size uint64, mode uint32) syscall.Errno {
+	fd := h.current()
+	defer h.mu.RUnlock()
+	return h.n.s.toErrno(ctx, "fallocate", h.n, unix.Fallocate(fd, mode, int64(off), int64(size)))
+}
+
+var _ = (fs.NodeCopyFileRanger)((*node)(nil))
+
+// CopyFileRange copies between two open files of the mount inside the
+// kernel, without the data passing through strata.
+func (n *node) CopyFileRange(ctx context.Context, fhIn fs.FileHandle, offIn uint64, out *fs.Inode, fhOut fs.FileHandle,
+	offOut uint64, size uint64, flags uint64) (uint32, syscall.Errno) {
+	hin, ok1 := fhIn.(*fileHandle)
+	hout, ok2 := fhOut.(*fileHandle)
+	if !ok1 || !ok2 {
+		return 0, syscall.EBADF
+	}
+	fin := hin.current()
+	defer hin.mu.RUnlock()
+	fout := hout.current()
+	defer hout.mu.RUnlock()
+	ri, ro := int64(offIn), int64(offOut)
+	w, err := unix.CopyFileRange(fin, &ri, fout, &ro, int(size), int(flags))
+	if err != nil {
+		return 0, n.s.toErrno(ctx, "copy_file_range", n, err)
+	}
+	return uint32(w), 0
+}
+
+// fsyncDir syncs the upper copy of a directory.
+func (s *Stack) fsyncDir(ctx context.Context, n *node) syscall.Errno {
+	if s.opts.NoSync || s.upper == nil {
+		return 0
+	}
+	n.mu.Lock()
+	up := n.inUpperLocked()
+	n.mu.Unlock()
+	if !up {
+		return 0
+	}
+	ref, err := s.dirfd(n, 0)
+	if err != nil {
+		return s.toErrno(ctx, "fsyncdir", n, err)
+	}
+	defer s.release(ref)
+	fd, err := unix.Openat(ref.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return s.toErrno(ctx, "fsyncdir", n, err)
+	}
+	defer unix.Close(fd)
+	return s.toErrno(ctx, "fsyncdir", n, unix.Fsync(fd))
+}

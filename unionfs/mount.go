@@ -1,0 +1,233 @@
+package unionfs
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"strata/whiteout"
+)
+
+// FSType is the filesystem type strata mounts show in /proc/mounts
+// ("fuse." + Name).
+const FSType = "fuse.strata"
+
+// Server is a live FUSE mount of a Stack.
+type Server struct {
+	fuse       *fuse.Server
+	stack      *Stack
+	mountpoint string
+	lockFd     int
+}
+
+// newRoot makes the root node: every layer's root merged. Layer roots are
+// never opaque for the kernel (a "y" on them is ignored); an "x" still
+// tells readdir to filter xattr whiteouts.
+func newRoot(s *Stack) (*node, error) {
+	root := &node{s: s, layer: 0}
+	root.loc.Store(&location{})
+	for _, l := range s.layers {
+		op, err := whiteout.GetOpacity(l.fd, "", s.ns)
+		if err != nil {
+			return nil, &LayerError{"layer", l.path, err}
+		}
+		if op == whiteout.Opaque {
+			op = whiteout.NotOpaque
+		}
+		root.dirs = append(root.dirs, dirLayer{layer: l.index, opacity: op})
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(s.layers[0].fd, &st); err != nil {
+		return nil, err
+	}
+	root.ino = s.identity(s.layers[0], st.Ino)
+	return root, nil
+}
+
+// Mount serves the union described by o at mountpoint and returns once
+// the mount is live. It validates o first and changes nothing on disk if
+// validation fails. Mount sets the process umask to 0: strata creates
+// objects with the modes callers asked for, to which the kernel has
+// already applied the callers' umask.
+func Mount(mountpoint string, o Options) (*Server, error) {
+	if err := o.Resolve(); err != nil {
+		return nil, err
+	}
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	mnt, err := checkMountpoint(mountpoint)
+	if err != nil {
+		return nil, err
+	}
+	lockFd := -1
+	if o.Upper != "" && !o.ReadOnly {
+		if lockFd, err = claimUpper(&o); err != nil {
+			return nil, err
+		}
+	}
+	syscall.Umask(0)
+	s, err := NewStack(o)
+	if err != nil {
+		unlockUpper(lockFd)
+		return nil, err
+	}
+	root, err := newRoot(s)
+	if err != nil {
+		s.Close()
+		unlockUpper(lockFd)
+		return nil, err
+	}
+	fsopts := fuseOptions(&o, root)
+	srv, err := fs.Mount(mnt, root, fsopts)
+	if err != nil {
+		s.Close()
+		unlockUpper(lockFd)
+		return nil, fmt.Errorf("mount %s: %w", mnt, err)
+	}
+	s.log.Info("mounted", "mountpoint", mnt, "options", o.String())
+	return &Server{fuse: srv, stack: s, mountpoint: mnt, lockFd: lockFd}, nil
+}
+
+// fuseOptions renders o as go-fuse options.
+func fuseOptions(o *Options, root *node) *fs.Options {
+	entry, attr, neg := o.EntryTimeout, o.AttrTimeout, o.NegativeTimeout
+	fsname := o.FsName
+	if fsname == "" {
+		fsname = "strata"
+	}
+	mo := fuse.MountOptions{
+		FsName:     fsname,
+		Name:       "strata",
+		AllowOther: o.AllowOther,
+		// The kernel checks permissions against the attributes strata
+		// returns, with the caller's credentials, as kernel overlay does
+		// on its own inodes; strata itself acts with the mounter's.
+		Options:      append([]string{"default_permissions"}, o.MountFlags...),
+		MaxWrite:     1 << 20,
+		MaxReadAhead: 1 << 20,
+		// Root mounts directly (no fusermount helper round trip).
+		DirectMount:          os.Geteuid() == 0,
+		Debug:                o.DebugFUSE,
+		EnableSymlinkCaching: true,
+	}
+	return &fs.Options{
+		MountOptions:    mo,
+		EntryTimeout:    &entry,
+		AttrTimeout:     &attr,
+		NegativeTimeout: &neg,
+		// Modes are exact: 0000 stays 0000.
+		NullPermissions: true,
+		RootStableAttr:  &fs.StableAttr{Ino: root.ino, Gen: 1},
+	}
+}
+
+// checkMountpoint resolves the mount point and checks it is a directory.
+func checkMountpoint(p string) (string, error) {
+	if p == "" {
+		return "", &LayerError{"mountpoint", p, errors.New("missing")}
+	}
+	abs, err := absPath(p)
+	if err != nil {
+		return "", &LayerError{"mountpoint", p, err}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(abs, &st); err != nil {
+		return "", &LayerError{"mountpoint", p, err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return "", &LayerError{"mountpoint", p, unix.ENOTDIR}
+	}
+	return abs, nil
+}
+
+// ErrInUse is returned when the upper or work dir is used by another live
+// mount. The kernel only warns in that case and leaves the outcome
+// undefined; strata refuses unless -o force... is given by the CLI's
+// --force.
+var ErrInUse = errors.New("already in use by a live mount")
+
+// claimUpper takes an exclusive lock on the work dir for the life of the
+// mount, and checks /proc/self/mountinfo for kernel overlay mounts using
+// the same upper or work dir. It returns the lock's fd.
+func claimUpper(o *Options) (int, error) {
+	fd, err := unix.Open(o.Work, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, &LayerError{"workdir", o.Work, err}
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil && !o.Force {
+		unix.Close(fd)
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return -1, &LayerError{"workdir", o.Work, fmt.Errorf("%w (another strata mount; --force to mount anyway)", ErrInUse)}
+		}
+		return -1, &LayerError{"workdir", o.Work, err}
+	}
+	if o.Force {
+		return fd, nil
+	}
+	mounts, err := ReadMounts()
+	if err != nil {
+		return fd, nil // not knowing is not a reason to refuse
+	}
+	for _, m := range mounts {
+		if m.Engine != EngineKernel {
+			continue
+		}
+		if m.Options.Upper == o.Upper || m.Options.Work == o.Work {
+			unix.Close(fd)
+			return -1, &LayerError{"upperdir", o.Upper, fmt.Errorf("%w: kernel overlay at %s; --force to mount anyway", ErrInUse, m.Mountpoint)}
+		}
+	}
+	return fd, nil
+}
+
+func unlockUpper(fd int) {
+	if fd >= 0 {
+		unix.Close(fd)
+	}
+}
+
+// Stack returns the server's layer stack.
+func (srv *Server) Stack() *Stack { return srv.stack }
+
+// Mountpoint returns the absolute mount point.
+func (srv *Server) Mountpoint() string { return srv.mountpoint }
+
+// Wait blocks until the file system is unmounted (by Unmount, umount(8)
+// or fusermount3 -u), then releases the layers.
+func (srv *Server) Wait() {
+	srv.fuse.Wait()
+	srv.close()
+}
+
+func (srv *Server) close() {
+	srv.stack.Close()
+	unlockUpper(srv.lockFd)
+	srv.lockFd = -1
+}
+
+// Unmount unmounts the file system, retrying while it is busy for a short
+// while, waits for the server to stop and releases every layer fd.
+func (srv *Server) Unmount() error {
+	var err error
+	for i := 0; i < 50; i++ {
+		err = srv.fuse.Unmount()
+		if err == nil || !strings.Contains(err.Error(), "busy") {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		return fmt.Errorf("unmount %s: %w", srv.mountpoint, err)
+	}
+	srv.fuse.Wait()
+	srv.close()
+	return nil
+}
