@@ -279,4 +279,3 @@ func detach(mnt string) error {
 	}
 	return nil
 }
-
