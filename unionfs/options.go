@@ -4,9 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -366,6 +364,15 @@ func (o *Options) KernelData() (string, error) {
 	if err := o.KernelIncompatible(); err != nil {
 		return "", err
 	}
+	parts := []string{o.layerData()}
+	if o.NoSync && o.Upper != "" {
+		parts = append(parts, "volatile")
+	}
+	return strings.Join(parts, ","), nil
+}
+
+// layerData renders the layers and the xattr format in the kernel's syntax.
+func (o *Options) layerData() string {
 	var parts []string
 	lowers := make([]string, len(o.Lowers))
 	for i, l := range o.Lowers {
@@ -378,10 +385,7 @@ func (o *Options) KernelData() (string, error) {
 	if o.UserXattr {
 		parts = append(parts, "userxattr")
 	}
-	if o.NoSync && o.Upper != "" {
-		parts = append(parts, "volatile")
-	}
-	return strings.Join(parts, ","), nil
+	return strings.Join(parts, ",")
 }
 
 // KernelIncompatible returns an error naming the first option that kernel
@@ -405,8 +409,7 @@ func (o *Options) KernelIncompatible() error {
 // String renders o in strata's own -o syntax, so that ParseOptions(o.String())
 // gives o back.
 func (o *Options) String() string {
-	data, _ := (&Options{Lowers: o.Lowers, Upper: o.Upper, Work: o.Work, UserXattr: o.UserXattr}).KernelData()
-	parts := []string{data}
+	parts := []string{o.layerData()}
 	if o.ReadOnly {
 		parts = append(parts, "ro")
 	}
@@ -552,14 +555,3 @@ func within(p, dir string) bool {
 	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../")
 }
 
-// sortedKeys is used by help output to list supported option names.
-func sortedKeys(m map[string]bool) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
-}
-
-var _ = os.Getuid

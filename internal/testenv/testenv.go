@@ -1,0 +1,149 @@
+// Package testenv holds the privilege probes that tests share: each
+// capability is probed once, for real, and a test that lacks it skips with
+// the reason — or fails, when STRATA_REQUIRE_MOUNT=1 (CI) says nothing may
+// be skipped.
+package testenv
+
+import (
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// Required reports whether CI demands every mount test to run.
+func Required() bool { return os.Getenv("STRATA_REQUIRE_MOUNT") == "1" }
+
+// Need skips (or, when Required, fails) t unless reason is empty.
+func Need(t testing.TB, what, reason string) {
+	t.Helper()
+	if reason == "" {
+		return
+	}
+	if Required() {
+		t.Fatalf("needs %s: %s (STRATA_REQUIRE_MOUNT=1 forbids skipping)", what, reason)
+	}
+	t.Skipf("needs %s: %s", what, reason)
+}
+
+type probe struct {
+	once   sync.Once
+	reason string
+}
+
+func (p *probe) get(f func() string) string {
+	p.once.Do(func() { p.reason = f() })
+	return p.reason
+}
+
+var mknodProbe probe
+
+// RequireMknod checks that this process can create a 0/0 character device
+// (a whiteout): any user on Linux >= 5.8, else CAP_MKNOD.
+func RequireMknod(t testing.TB) {
+	t.Helper()
+	Need(t, "whiteout creation (mknod 0/0)", mknodProbe.get(func() string {
+		dir, err := os.MkdirTemp("", "strata-probe-")
+		if err != nil {
+			return err.Error()
+		}
+		defer os.RemoveAll(dir)
+		if err := unix.Mknod(filepath.Join(dir, "wh"), unix.S_IFCHR, 0); err != nil {
+			return "mknod c 0 0: " + err.Error()
+		}
+		return ""
+	}))
+}
+
+var trustedProbe probe
+
+// RequireTrustedXattr checks that trusted.* xattrs can be written
+// (CAP_SYS_ADMIN) on the temp dir's filesystem.
+func RequireTrustedXattr(t testing.TB) {
+	t.Helper()
+	Need(t, "trusted.* xattrs", trustedProbe.get(func() string {
+		dir, err := os.MkdirTemp("", "strata-probe-")
+		if err != nil {
+			return err.Error()
+		}
+		defer os.RemoveAll(dir)
+		if err := unix.Setxattr(dir, "trusted.strata-probe", []byte("1"), 0); err != nil {
+			return "setxattr trusted.*: " + err.Error()
+		}
+		return ""
+	}))
+}
+
+var fuseProbe probe
+
+// RequireFUSE checks that this process can mount FUSE: /dev/fuse opens
+// read-write, and either it is root or fusermount3 is installed.
+func RequireFUSE(t testing.TB) {
+	t.Helper()
+	Need(t, "FUSE", fuseProbe.get(func() string {
+		fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return "open /dev/fuse: " + err.Error()
+		}
+		unix.Close(fd)
+		if os.Geteuid() != 0 {
+			if _, err := lookPath("fusermount3"); err != nil {
+				return "not root and no fusermount3"
+			}
+		}
+		return ""
+	}))
+}
+
+var overlayProbe probe
+
+// RequireKernelOverlay checks that kernel overlayfs can be mounted here,
+// by mounting a tiny one.
+func RequireKernelOverlay(t testing.TB) {
+	t.Helper()
+	Need(t, "kernel overlay", overlayProbe.get(func() string {
+		if os.Geteuid() != 0 {
+			return "not root"
+		}
+		dir, err := os.MkdirTemp("", "strata-probe-")
+		if err != nil {
+			return err.Error()
+		}
+		defer os.RemoveAll(dir)
+		for _, d := range []string{"l", "u", "w", "m"} {
+			if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
+				return err.Error()
+			}
+		}
+		data := "lowerdir=" + dir + "/l,upperdir=" + dir + "/u,workdir=" + dir + "/w"
+		if err := unix.Mount("overlay", dir+"/m", "overlay", 0, data); err != nil {
+			return "mount -t overlay: " + err.Error()
+		}
+		if err := unix.Unmount(dir+"/m", 0); err != nil {
+			return "umount overlay: " + err.Error()
+		}
+		return ""
+	}))
+}
+
+// RequireRoot checks that the test runs as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	reason := ""
+	if os.Geteuid() != 0 {
+		reason = "not root"
+	}
+	Need(t, "root", reason)
+}
+
+func lookPath(name string) (string, error) {
+	for _, dir := range filepath.SplitList(os.Getenv("PATH") + ":/usr/bin:/bin:/usr/sbin:/sbin") {
+		p := filepath.Join(dir, name)
+		if st, err := os.Stat(p); err == nil && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", os.ErrNotExist
+}
