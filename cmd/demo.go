@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
@@ -72,10 +74,23 @@ func runDemo(ctx context.Context, e *env, dir string, keep bool) (err error) {
 		o.UserXattr = true
 	}
 	fmt.Fprintf(e.stdout, "$ strata mount -o %s %s\n", o.String(), p("merged"))
+	// Unmount whatever happens to the output (a closed pipe) or to us
+	// (Ctrl-C).
+	signal.Ignore(syscall.SIGPIPE)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
 	srv, err := unionfs.Mount(p("merged"), o)
 	if err != nil {
 		return err
 	}
+	go func() {
+		if _, ok := <-sigs; ok {
+			srv.Unmount()
+			os.RemoveAll(dir)
+			os.Exit(130)
+		}
+	}()
 	defer func() {
 		if uerr := srv.Unmount(); uerr != nil && err == nil {
 			err = uerr
