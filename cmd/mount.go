@@ -113,7 +113,10 @@ func runMount(ctx context.Context, e *env, f *mountFlags, args []string) error {
 		return err
 	}
 	if f.mode != "fuse" {
-		return usagef("--mode=%s is not available yet", f.mode)
+		done, err := tryKernel(e, f, o, mnt)
+		if done || err != nil {
+			return err
+		}
 	}
 	if f.dryRun {
 		fmt.Fprintf(e.stdout, "would mount (fuse) %s: %s\n", mnt, o.String())
@@ -123,6 +126,36 @@ func runMount(ctx context.Context, e *env, f *mountFlags, args []string) error {
 		return serveForeground(ctx, e, f, o, mnt)
 	}
 	return daemonize(e, f)
+}
+
+// tryKernel handles --mode=kernel and --mode=auto: it hands the mount to
+// kernel overlay if it can. With auto, it says which engine it chose and
+// why, and reports done=false to fall back to FUSE.
+func tryKernel(e *env, f *mountFlags, o unionfs.Options, mnt string) (done bool, err error) {
+	if ierr := o.KernelIncompatible(); ierr != nil {
+		if f.mode == "kernel" {
+			return true, fmt.Errorf("--mode=kernel: %v", ierr)
+		}
+		fmt.Fprintf(e.stderr, "strata: engine fuse: kernel overlay cannot honour %v\n", ierr)
+		return false, nil
+	}
+	if f.dryRun {
+		data, _ := o.KernelData()
+		fmt.Fprintf(e.stdout, "would mount (kernel, if it accepts) %s: %s\n", mnt, data)
+		return f.mode == "kernel", nil
+	}
+	kerr := unionfs.MountKernel(mnt, o)
+	switch {
+	case kerr == nil:
+		if f.mode == "auto" {
+			fmt.Fprintf(e.stderr, "strata: engine kernel: kernel overlay accepted the mount\n")
+		}
+		return true, nil
+	case f.mode == "kernel":
+		return true, kerr
+	}
+	fmt.Fprintf(e.stderr, "strata: engine fuse: %v\n", kerr)
+	return false, nil
 }
 
 // checkNotMounted refuses a mount point that is already a mount point of
@@ -168,6 +201,10 @@ func serveForeground(ctx context.Context, e *env, f *mountFlags, o unionfs.Optio
 	if err != nil {
 		return err
 	}
+	if err := srv.WriteState(); err != nil {
+		log.Warn("cannot record mount state for strata status", "err", err)
+	}
+	defer srv.RemoveState()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)

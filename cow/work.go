@@ -7,16 +7,27 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// PrepareWork opens workdir/work, creating it (mode 0, as the kernel does)
-// if missing, and removes every stale entry left in it by a crash, so that
-// no half-built copy survives a restart. workdir is an open directory fd of
-// the work dir. It returns an fd of workdir/work.
+// PrepareWork opens workdir/work, creating it if missing, and removes every
+// stale entry left in it by a crash, so that no half-built copy survives a
+// restart. The kernel makes it with mode 0 and reaches it through its
+// capabilities; an unprivileged mounter has none, so strata makes it
+// 0700 (and opens up a mode 0 one it owns, left by a kernel mount).
+// workdir is an open directory fd of the work dir. It returns an fd of
+// workdir/work.
 func PrepareWork(workdir int) (int, error) {
-	err := unix.Mkdirat(workdir, "work", 0)
+	err := unix.Mkdirat(workdir, "work", 0o700)
 	if err != nil && !errors.Is(err, unix.EEXIST) {
 		return -1, fmt.Errorf("create work dir: %w", err)
 	}
-	fd, err := unix.Openat(workdir, "work", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	open := func() (int, error) {
+		return unix.Openat(workdir, "work", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	}
+	fd, err := open()
+	if errors.Is(err, unix.EACCES) {
+		if cerr := unix.Fchmodat(workdir, "work", 0o700, 0); cerr == nil {
+			fd, err = open()
+		}
+	}
 	if err != nil {
 		return -1, fmt.Errorf("open work dir: %w", err)
 	}

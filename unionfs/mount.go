@@ -57,6 +57,7 @@ func newRoot(s *Stack) (*node, error) {
 // objects with the modes callers asked for, to which the kernel has
 // already applied the callers' umask.
 func Mount(mountpoint string, o Options) (*Server, error) {
+	o.AutoXattr()
 	if err := o.Resolve(); err != nil {
 		return nil, err
 	}

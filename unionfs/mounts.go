@@ -60,15 +60,12 @@ func ParseMountInfo(r io.Reader) ([]MountInfo, error) {
 		if sep < 5 || len(f) < sep+4 {
 			continue
 		}
-		fstype, source, super := f[sep+1], unescapeMountinfo(f[sep+2]), unescapeMountinfo(f[sep+3])
-		m := MountInfo{Mountpoint: unescapeMountinfo(f[4]), Source: source, Super: super}
+		fstype, source, super := f[sep+1], unescapeMountinfo(f[sep+2]), f[sep+3]
+		m := MountInfo{Mountpoint: unescapeMountinfo(f[4]), Source: source, Super: unescapeMountinfo(super)}
 		switch fstype {
 		case "overlay":
 			m.Engine = EngineKernel
-			o, err := ParseOptions(overlayOnly(super))
-			if err == nil {
-				m.Options = o
-			}
+			m.Options = overlayLayers(super)
 		case FSType:
 			m.Engine = EngineFUSE
 		default:
@@ -82,18 +79,32 @@ func ParseMountInfo(r io.Reader) ([]MountInfo, error) {
 	return out, nil
 }
 
-// overlayOnly keeps the super options of a kernel overlay mount that
-// ParseOptions knows (the kernel also shows rw, index=off, ...).
-func overlayOnly(super string) string {
-	var keep []string
-	for _, o := range splitEscaped(super, ',') {
-		k, _, _ := strings.Cut(o, "=")
+// overlayLayers reads the layers of a kernel overlay mount from its
+// escaped super options: "lowerdir+=" per layer (new mount API) or
+// "lowerdir=a:b" (mount(2), colons in paths escaped as "\:").
+func overlayLayers(super string) Options {
+	o := Options{SquashUID: -1, SquashGID: -1}
+	for _, opt := range strings.Split(super, ",") {
+		k, v, _ := strings.Cut(opt, "=")
+		v = unescapeMountinfo(v)
 		switch k {
-		case "lowerdir", "upperdir", "workdir", "userxattr":
-			keep = append(keep, o)
+		case "lowerdir+":
+			o.Lowers = append(o.Lowers, v)
+		case "lowerdir":
+			for _, l := range splitEscaped(v, ':') {
+				if l != "" {
+					o.Lowers = append(o.Lowers, unescape(l))
+				}
+			}
+		case "upperdir":
+			o.Upper = v
+		case "workdir":
+			o.Work = v
+		case "userxattr":
+			o.UserXattr = true
 		}
 	}
-	return strings.Join(keep, ",")
+	return o
 }
 
 // unescapeMountinfo undoes the octal escapes of mountinfo fields.

@@ -114,10 +114,25 @@ func NewStack(o Options) (*Stack, error) {
 			return nil, &LayerError{"workdir", o.Work, err}
 		}
 		s.copier = cow.New(cow.Options{WorkFd: s.workFd, NS: s.ns, NoSync: o.NoSync, Logger: s.log})
+		if err := s.probeWhiteout(); err != nil {
+			return nil, err
+		}
 	}
 	s.fds = newDirCache(dirCacheSize())
 	ok = true
 	return s, nil
+}
+
+// probeWhiteout checks that whiteouts can be created here (any user can on
+// Linux >= 5.8; some sandboxes refuse mknod). strata never falls back to
+// another whiteout format: the upper dir must stay in the kernel's.
+func (s *Stack) probeWhiteout() error {
+	name := s.copier.TempName()
+	if err := unix.Mknodat(s.workFd, name, unix.S_IFCHR, 0); err != nil {
+		return &LayerError{"workdir", s.opts.Work, fmt.Errorf("cannot create whiteouts (mknod c 0 0: %w); strata writes no other whiteout format", err)}
+	}
+	unix.Unlinkat(s.workFd, name, 0)
+	return nil
 }
 
 // dirCacheSize bounds the directory fds kept open: a quarter of the fd
