@@ -188,7 +188,8 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	}
 	ch := s.addChild(ctx, n, name, &e, out)
 	h := &fileHandle{n: ch.Operations().(*node), fd: fd, layer: 0, flags: oflags}
-	return ch, h, fuse.FOPEN_KEEP_CACHE, 0
+	fh, fuseFlags := s.wrapHandle(h)
+	return ch, fh, fuseFlags, 0
 }
 
 var _ = (fs.NodeMkdirer)((*node)(nil))

@@ -59,7 +59,70 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			return nil, 0, s.toErrno(ctx, "open", n, err)
 		}
 	}
-	return h, fuse.FOPEN_KEEP_CACHE, 0
+	fh, fuseFlags := s.wrapHandle(h)
+	return fh, fuseFlags, 0
+}
+
+// wrapHandle decides how the kernel does I/O on a new handle. With FUSE
+// passthrough (Linux >= 6.9, CAP_SYS_ADMIN) reads and writes go straight
+// to the layer file. The kernel allows one backing file per inode, shared
+// by all its opens, and go-fuse registers the first open's fd; so while a
+// lower file is the backing of open handles, a node that has been copied
+// up since must not get passthrough handles (they would read and write
+// the stale lower file): those opens use FUSE I/O without the page cache
+// (FOPEN_DIRECT_IO, which the kernel allows beside passthrough opens).
+func (s *Stack) wrapHandle(h *fileHandle) (fs.FileHandle, uint32) {
+	if !s.passthrough.Load() {
+		return h, fuse.FOPEN_KEEP_CACHE
+	}
+	n := h.n
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.ptOpen > 0 && n.ptLayer != 0 && n.inUpperLocked() {
+		return h, fuse.FOPEN_DIRECT_IO
+	}
+	n.ptOpen++
+	return &ptHandle{h}, fuse.FOPEN_KEEP_CACHE
+}
+
+// ptHandle is a handle the kernel may serve by passthrough.
+type ptHandle struct{ *fileHandle }
+
+var _ = (fs.FilePassthroughFder)((*ptHandle)(nil))
+
+// PassthroughFd gives the kernel the layer fd to register as the inode's
+// backing file. go-fuse calls it only when the inode has none yet.
+func (h *ptHandle) PassthroughFd() (int, bool) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	n := h.n
+	n.mu.Lock()
+	n.ptLayer = h.layer
+	n.mu.Unlock()
+	return h.fd, true
+}
+
+// Release closes the handle and drops its share of the backing file.
+func (h *ptHandle) Release(ctx context.Context) syscall.Errno {
+	n := h.n
+	n.mu.Lock()
+	n.ptOpen--
+	if n.ptOpen == 0 {
+		n.ptLayer = -1
+	}
+	n.mu.Unlock()
+	return h.fileHandle.Release(ctx)
+}
+
+// asHandle returns the fileHandle behind a handle the kernel sent back.
+func asHandle(f fs.FileHandle) (*fileHandle, bool) {
+	switch h := f.(type) {
+	case *fileHandle:
+		return h, true
+	case *ptHandle:
+		return h.fileHandle, true
+	}
+	return nil, false
 }
 
 // openHandle opens n's object in its current layer.
@@ -229,8 +292,8 @@ var _ = (fs.NodeCopyFileRanger)((*node)(nil))
 // kernel, without the data passing through strata.
 func (n *node) CopyFileRange(ctx context.Context, fhIn fs.FileHandle, offIn uint64, out *fs.Inode, fhOut fs.FileHandle,
 	offOut uint64, size uint64, flags uint64) (uint32, syscall.Errno) {
-	hin, ok1 := fhIn.(*fileHandle)
-	hout, ok2 := fhOut.(*fileHandle)
+	hin, ok1 := asHandle(fhIn)
+	hout, ok2 := asHandle(fhOut)
 	if !ok1 || !ok2 {
 		return 0, syscall.EBADF
 	}

@@ -93,7 +93,8 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		unlockUpper(lockFd)
 		return nil, fmt.Errorf("mount %s: %w", mnt, err)
 	}
-	s.log.Info("mounted", "mountpoint", mnt, "options", o.String())
+	s.passthrough.Store(probePassthrough(srv, s.log))
+	s.log.Info("mounted", "mountpoint", mnt, "options", o.String(), "passthrough", s.passthrough.Load())
 	return &Server{fuse: srv, stack: s, mountpoint: mnt, lockFd: lockFd}, nil
 }
 
@@ -128,6 +129,24 @@ func fuseOptions(o *Options, root *node) *fs.Options {
 		NullPermissions: true,
 		RootStableAttr:  &fs.StableAttr{Ino: root.ino, Gen: 1},
 	}
+}
+
+// probePassthrough reports whether the kernel accepts backing files on
+// this mount (FUSE passthrough: Linux >= 6.9 and CAP_SYS_ADMIN), by
+// registering a memfd and releasing it.
+func probePassthrough(srv *fuse.Server, log interface{ Info(string, ...any) }) bool {
+	fd, err := unix.MemfdCreate("strata-passthrough-probe", unix.MFD_CLOEXEC)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	id, errno := srv.RegisterBackingFd(&fuse.BackingMap{Fd: int32(fd)})
+	if errno != 0 {
+		log.Info("FUSE passthrough unavailable; file I/O goes through strata", "errno", errno.Error())
+		return false
+	}
+	srv.UnregisterBackingFd(id)
+	return true
 }
 
 // checkMountpoint resolves the mount point and checks it is a directory.

@@ -46,6 +46,12 @@ type node struct {
 	// hard-linked) object has other names; see location().
 	locStale atomic.Bool
 
+	// ptOpen counts the open handles that may use FUSE passthrough, and
+	// ptLayer is the layer of the file registered as their backing (-1:
+	// none yet). Protected by mu.
+	ptOpen  int
+	ptLayer int
+
 	fds []*dirFd // protected by Stack.fds.mu
 }
 
@@ -125,7 +131,7 @@ func merged(dirs []dirLayer) bool { return len(dirs) > 1 }
 
 // newNode makes the node for entry e found as name in parent.
 func (s *Stack) newNode(parent *node, name string, e *entry) *node {
-	n := &node{s: s, layer: e.layer, dirs: e.dirs}
+	n := &node{s: s, layer: e.layer, dirs: e.dirs, ptLayer: -1}
 	n.loc.Store(&location{parent: parent, name: name})
 	n.ino = s.identity(s.layers[e.layer], e.st.Ino)
 	return n
@@ -292,7 +298,7 @@ var _ = (fs.NodeGetattrer)((*node)(nil))
 // fd, which also works after the last name is gone.
 func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	s := n.s
-	if h, ok := f.(*fileHandle); ok {
+	if h, ok := asHandle(f); ok {
 		if st, ok := h.fstat(); ok {
 			s.fillAttr(n, nil, &st, &out.Attr)
 			return 0

@@ -88,7 +88,7 @@ func (s *Stack) setattr(n *node, f fs.FileHandle, in *fuse.SetAttrIn) error {
 // truncate sets the size of a regular file, through the open handle when
 // the kernel sent one (ftruncate), else by opening it.
 func (s *Stack) truncate(dirfd int, name string, f fs.FileHandle, size int64) error {
-	if h, ok := f.(*fileHandle); ok {
+	if h, ok := asHandle(f); ok {
 		fd := h.current()
 		err := unix.Ftruncate(fd, size)
 		h.mu.RUnlock()

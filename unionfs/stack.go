@@ -6,6 +6,7 @@ import (
 	"math/bits"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -47,6 +48,10 @@ type Stack struct {
 
 	// privileged: the daemon may chown and create device nodes.
 	privileged bool
+
+	// passthrough: the kernel accepted a backing file at mount; open files
+	// then use FUSE passthrough.
+	passthrough atomic.Bool
 
 	copiedMu sync.Mutex
 	// copied maps the real inode number of an upper object that was copied
