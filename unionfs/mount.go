@@ -119,6 +119,9 @@ func fuseOptions(o *Options, root *node) *fs.Options {
 		DirectMount:          os.Geteuid() == 0,
 		Debug:                o.DebugFUSE,
 		EnableSymlinkCaching: true,
+		// The kernel caches POSIX ACLs (also "none") per inode, so ls -l and
+		// permission checks stop asking strata for system.posix_acl_*.
+		EnableAcl: true,
 	}
 	return &fs.Options{
 		MountOptions:    mo,

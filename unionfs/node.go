@@ -72,6 +72,10 @@ func (n *node) location() *location {
 		return loc
 	}
 	if pn, ok := p.Operations().(*node); ok {
+		if pn == loc.parent && name == loc.name {
+			// go-fuse has not dropped the unlinked name yet.
+			return loc
+		}
 		nl := &location{parent: pn, name: name}
 		n.loc.Store(nl)
 		n.locStale.Store(false)
@@ -105,6 +109,13 @@ func (n *node) state() (layer int, dirs []dirLayer, removed bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.layer, n.dirs, n.removed
+}
+
+// isRemoved reports whether the node's object lost its last name.
+func (n *node) isRemoved() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.removed
 }
 
 // topLayer returns the layer whose copy of the object decides its

@@ -21,10 +21,18 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 	if !s.writable {
 		return syscall.EROFS
 	}
-	if err := s.copyUp(ctx, n); err != nil {
-		return s.toErrno(ctx, "setattr", n, err)
+	var err error
+	if h, ok := asHandle(f); ok && n.isRemoved() {
+		// The last name is gone; the open file is all there is (it is in
+		// the upper layer: only an upper file can have been opened for
+		// the writes that lead here).
+		fd := h.current()
+		h.mu.RUnlock() // fd stays open: RELEASE waits for this request
+		err = s.setattrAt(fd, "", unix.AT_EMPTY_PATH, f, in)
+	} else if err = s.copyUp(ctx, n); err == nil {
+		err = s.setattr(n, f, in)
 	}
-	if err := s.setattr(n, f, in); err != nil {
+	if err != nil {
 		return s.toErrno(ctx, "setattr", n, err)
 	}
 	return n.Getattr(ctx, f, out)
@@ -40,6 +48,14 @@ func (s *Stack) setattr(n *node, f fs.FileHandle, in *fuse.SetAttrIn) error {
 	if name == "" {
 		flags |= unix.AT_EMPTY_PATH
 	}
+	return s.setattrAt(ref.fd, name, flags, f, in)
+}
+
+// setattrAt applies in to the entry name of dirfd (name "" with
+// AT_EMPTY_PATH: dirfd itself). flags are the *at flags for chown and
+// utimensat.
+func (s *Stack) setattrAt(dirfd int, name string, flags int, f fs.FileHandle, in *fuse.SetAttrIn) error {
+	ref := dirRef{fd: dirfd}
 	uid, uok := in.GetUID()
 	gid, gok := in.GetGID()
 	if uok || gok {
