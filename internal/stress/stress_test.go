@@ -17,6 +17,7 @@ var (
 	workers  = flag.Int("stress.workers", 4, "TestStress: parallel workers")
 	ops      = flag.Int64("stress.ops", 6000, "TestStress: total operations when -stress.duration is not set")
 	seed     = flag.Uint64("stress.seed", 0, "TestStress: seed (0: time-based, logged)")
+	hunt     = flag.Bool("stress.knownbugs", false, "TestStress: do not steer around known strata bugs (concurrent opens of shared/log)")
 	bin      = flag.String("stress.strata", "", "TestStress: mount with this strata binary (daemon) instead of in-process")
 )
 
@@ -32,7 +33,8 @@ func TestStress(t *testing.T) {
 		s = uint64(time.Now().UnixNano())
 	}
 	t.Logf("seed %d (rerun with -stress.seed=%d)", s, s)
-	cfg := stress.Config{Dir: t.TempDir(), Workers: *workers, Seed: s, Kernel: true, Logf: t.Logf}
+	cfg := stress.Config{Dir: t.TempDir(), Workers: *workers, Seed: s, Kernel: true, Logf: t.Logf,
+		SerializeSharedOpens: !*hunt}
 	if *duration > 0 {
 		cfg.Duration = *duration
 	} else {
