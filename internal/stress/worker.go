@@ -88,7 +88,7 @@ type worker struct {
 
 // note records op description d as in flight and in the history.
 func (w *worker) note(d string) {
-	w.note(d)
+	w.inOp.Store(d)
 	w.hist = append(w.hist, d)
 	if len(w.hist) > 12 {
 		w.hist = w.hist[1:]
