@@ -186,6 +186,12 @@ func BlockDev(path string, major, minor uint32) Applier {
 	return mknod(fmt.Sprintf("block %q %d:%d", path, major, minor), path, unix.S_IFBLK|0o644, unix.Mkdev(major, minor))
 }
 
+// Socket creates a unix socket node with mode 0755 (by mknod, so nothing
+// listens on it).
+func Socket(path string) Applier {
+	return mknod(fmt.Sprintf("socket %q", path), path, unix.S_IFSOCK|0o755, 0)
+}
+
 // Whiteout creates the kernel's classic whiteout (char 0/0) at path.
 func Whiteout(path string) Applier {
 	return applier{fmt.Sprintf("whiteout %q", path), func(b *Builder) error {

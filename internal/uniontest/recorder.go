@@ -294,7 +294,10 @@ func (r *Recorder) Symlink(target, p string) {
 func (r *Recorder) Readlink(p string) {
 	r.Do("readlink "+q(p), func() (string, error) {
 		t, err := readlinkAt(unix.AT_FDCWD, r.Path(p))
-		return strconv.Quote(t), err
+		if err != nil {
+			return "", err
+		}
+		return strconv.Quote(t), nil
 	})
 }
 
@@ -365,7 +368,7 @@ func (r *Recorder) Getxattr(p, name string) {
 		if err != nil {
 			return "", err
 		}
-		return strconv.Quote(string(buf[:n])), nil
+		return DataString(buf[:n]), nil
 	})
 }
 
@@ -709,7 +712,7 @@ func FlagString(flags int) string {
 	}{
 		{unix.O_CREAT, "O_CREAT"}, {unix.O_EXCL, "O_EXCL"}, {unix.O_TRUNC, "O_TRUNC"}, {unix.O_APPEND, "O_APPEND"},
 		{unix.O_DIRECTORY, "O_DIRECTORY"}, {unix.O_NOFOLLOW, "O_NOFOLLOW"}, {unix.O_NONBLOCK, "O_NONBLOCK"},
-		{unix.O_PATH, "O_PATH"}, {unix.O_DIRECT, "O_DIRECT"}, {unix.O_SYNC, "O_SYNC"}, {unix.O_NOATIME, "O_NOATIME"},
+		{unix.O_PATH, "O_PATH"}, {unix.O_TMPFILE, "O_TMPFILE"}, {unix.O_DIRECT, "O_DIRECT"}, {unix.O_SYNC, "O_SYNC"}, {unix.O_NOATIME, "O_NOATIME"},
 	} {
 		if flags&b.v == b.v {
 			s = append(s, b.n)
@@ -719,4 +722,77 @@ func FlagString(flags int) string {
 }
 
 // q renders a path argument in an op description.
-func q(p string) string { return quotePath(filepath.ToSlash(p)) }
+func q(p string) string {
+	if p == "" {
+		return "."
+	}
+	return quotePath(filepath.ToSlash(p))
+}
+
+// Explore logs, for each path, lstat and whatever reading it gives: the
+// raw listing of a directory, the content of a regular file, the target of
+// a symlink, and its xattr names and values.
+func (r *Recorder) Explore(paths ...string) {
+	for _, p := range paths {
+		r.Lstat(p)
+		var st unix.Stat_t
+		if err := unix.Lstat(r.Path(p), &st); err != nil {
+			continue
+		}
+		switch st.Mode & unix.S_IFMT {
+		case unix.S_IFDIR:
+			r.ReadDir(p)
+		case unix.S_IFREG:
+			r.ReadFile(p)
+		case unix.S_IFLNK:
+			r.Readlink(p)
+		}
+		r.Listxattr(p)
+		buf := make([]byte, 64<<10)
+		if n, err := unix.Llistxattr(r.Path(p), buf); err == nil {
+			var names []string
+			for _, x := range strings.Split(string(buf[:n]), "\x00") {
+				if x != "" {
+					names = append(names, x)
+				}
+			}
+			sort.Strings(names)
+			for _, x := range names {
+				r.Getxattr(p, x)
+			}
+		}
+	}
+}
+
+// InDir runs f with the process's working directory set to the directory
+// fd dirfd (fchdir), and restores the previous one afterwards. The working
+// directory is process-wide: f must not block on anything that needs
+// another goroutine to change it.
+func InDir(dirfd int, f func() (string, error)) (string, error) {
+	old, err := unix.Open(".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", err
+	}
+	defer unix.Close(old)
+	if err := unix.Fchdir(dirfd); err != nil {
+		return "", err
+	}
+	defer func() {
+		if err := unix.Fchdir(old); err != nil {
+			panic("uniontest: cannot restore the working directory: " + err.Error())
+		}
+	}()
+	return f()
+}
+
+// OpenDirs opens the directory rel of the mount by walking its components
+// with openat from the mount root (so it works past PATH_MAX). The caller
+// closes the fd.
+func (r *Recorder) OpenDirs(rel string) (int, error) {
+	root, err := unix.Open(r.mnt, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	defer unix.Close(root)
+	return openDirs(root, splitRel(rel), false, nil)
+}

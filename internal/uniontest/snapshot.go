@@ -72,7 +72,11 @@ func (n *Node) String() string {
 // Violation is a broken identity rule seen on a mount: d_ino differing
 // from st_ino, a wrong d_type, a missing "." or "..", a name listed twice,
 // or an st_dev differing from the root's.
-type Violation struct{ Path, What string }
+type Violation struct {
+	Path string
+	Kind string // the rule, without numbers: `d_ino != st_ino`
+	What string // the rule with the values seen
+}
 
 // Snapshot is a tree as seen at one moment.
 type Snapshot struct {
@@ -106,7 +110,7 @@ func TakeSnapshot(root string, o SnapshotOptions) (*Snapshot, error) {
 	}
 	w := &walker{o: o, s: &Snapshot{Nodes: map[string]*Node{}}, rootDev: st.Dev}
 	w.s.Nodes["."] = w.node(fd, "", &st)
-	w.dir(fd, "", &st, 0)
+	w.dir(fd, "", &st)
 	w.linkGroups()
 	if o.Upper != nil {
 		NormalizeUpper(*o.Upper, w.s)
@@ -124,16 +128,16 @@ type walker struct {
 	rootDev uint64
 }
 
-func (w *walker) violate(rel, format string, args ...any) {
+func (w *walker) violate(rel, kind, format string, args ...any) {
 	if rel == "" {
 		rel = "."
 	}
-	w.s.Violations = append(w.s.Violations, Violation{rel, fmt.Sprintf(format, args...)})
+	w.s.Violations = append(w.s.Violations, Violation{rel, kind, fmt.Sprintf(format, args...)})
 }
 
-// dir records the entries of the directory fd (path rel, stat st, parent
-// st_ino parentIno) and walks into subdirectories.
-func (w *walker) dir(fd int, rel string, st *unix.Stat_t, parentIno uint64) {
+// dir records the entries of the directory fd (path rel, stat st) and
+// walks into subdirectories.
+func (w *walker) dir(fd int, rel string, st *unix.Stat_t) {
 	ents, err := readDirents(fd)
 	if err != nil {
 		w.nodeAt(rel).Error = "readdir: " + errnoName(err)
@@ -143,7 +147,7 @@ func (w *walker) dir(fd int, rel string, st *unix.Stat_t, parentIno uint64) {
 	var names []string
 	for _, e := range ents {
 		if _, dup := byName[e.Name]; dup {
-			w.violate(joinRel(rel, e.Name), "listed more than once")
+			w.violate(joinRel(rel, e.Name), "listed twice", "listed more than once")
 			continue
 		}
 		byName[e.Name] = e
@@ -153,15 +157,16 @@ func (w *walker) dir(fd int, rel string, st *unix.Stat_t, parentIno uint64) {
 	}
 	if w.o.Mount {
 		if e, ok := byName["."]; !ok {
-			w.violate(rel, `readdir lacks "."`)
+			w.violate(rel, "no .", `readdir lacks "."`)
 		} else if e.Ino != st.Ino {
-			w.violate(rel, `"." d_ino %d != st_ino %d`, e.Ino, st.Ino)
+			w.violate(rel, ". d_ino != st_ino", `"." d_ino %d != st_ino %d`, e.Ino, st.Ino)
 		}
-		if e, ok := byName[".."]; !ok {
-			w.violate(rel, `readdir lacks ".."`)
-		} else if rel != "" && e.Ino != parentIno {
-			// At the mount root ".." is the parent of the mount point, outside.
-			w.violate(rel, `".." d_ino %d != parent st_ino %d`, e.Ino, parentIno)
+		// The d_ino of ".." is not checked: kernel overlay itself lists the
+		// real parent's inode there in merged dirs (fs/overlayfs/readdir.c
+		// takes "." and ".." from the real upper dir), not the st_ino of the
+		// merged parent; at the mount root it is outside the mount anyway.
+		if _, ok := byName[".."]; !ok {
+			w.violate(rel, "no ..", `readdir lacks ".."`)
 		}
 	}
 	sort.Strings(names)
@@ -176,13 +181,13 @@ func (w *walker) dir(fd int, rel string, st *unix.Stat_t, parentIno uint64) {
 		if w.o.Mount {
 			e := byName[name]
 			if e.Ino != cst.Ino {
-				w.violate(crel, "d_ino %d != st_ino %d", e.Ino, cst.Ino)
+				w.violate(crel, "d_ino != st_ino", "d_ino %d != st_ino %d", e.Ino, cst.Ino)
 			}
 			if dt := dtName(e.Type); dt != typeName(cst.Mode) {
-				w.violate(crel, "d_type %s != st_mode type %s", dt, typeName(cst.Mode))
+				w.violate(crel, "d_type != st_mode", "d_type %s != st_mode type %s", dt, typeName(cst.Mode))
 			}
 			if cst.Dev != w.rootDev {
-				w.violate(crel, "st_dev %d:%d != root's %d:%d", unix.Major(cst.Dev), unix.Minor(cst.Dev), unix.Major(w.rootDev), unix.Minor(w.rootDev))
+				w.violate(crel, "st_dev != root's", "st_dev %d:%d != root's %d:%d", unix.Major(cst.Dev), unix.Minor(cst.Dev), unix.Major(w.rootDev), unix.Minor(w.rootDev))
 			}
 		}
 		if cst.Mode&unix.S_IFMT == unix.S_IFDIR {
@@ -191,7 +196,7 @@ func (w *walker) dir(fd int, rel string, st *unix.Stat_t, parentIno uint64) {
 				w.s.Nodes[crel].Error = "open: " + errnoName(err)
 				continue
 			}
-			w.dir(cfd, crel, &cst, st.Ino)
+			w.dir(cfd, crel, &cst)
 			unix.Close(cfd)
 		}
 	}
@@ -416,7 +421,7 @@ func xattrsAt(dirfd int, name string) ([]string, error) {
 			out = append(out, x+"=<"+errnoName(err)+">")
 			continue
 		}
-		out = append(out, x+"="+strconv.Quote(string(v)))
+		out = append(out, x+"="+DataString(v))
 	}
 	return out, nil
 }
