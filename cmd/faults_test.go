@@ -711,7 +711,9 @@ func TestFaultEIOSurfacesNotWedged(t *testing.T) {
 		func() result { return result{"unlink of a lower file", os.Remove(filepath.Join(m, "lf2"))} },
 		func() result { return result{"mkdir", os.Mkdir(filepath.Join(m, "newdir"), 0o755)} },
 		func() result { return result{"chmod of a lower file", os.Chmod(filepath.Join(m, "lf3"), 0o600)} },
-		func() result { return result{"rename of a lower file", os.Rename(filepath.Join(m, "lf4"), filepath.Join(m, "lf4b"))} },
+		func() result {
+			return result{"rename of a lower file", os.Rename(filepath.Join(m, "lf4"), filepath.Join(m, "lf4b"))}
+		},
 	}
 	for _, op := range ops {
 		done := make(chan result, 1)
