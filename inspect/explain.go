@@ -158,7 +158,7 @@ func (s *Stack) explain(path string) (Explanation, error) {
 		case o.Kind == None:
 			v.State = StateAbsent
 			if o.BlockedAt != "" {
-				v.Reason = fmt.Sprintf("%s is a %s in this layer", o.BlockedAt, o.BlockedBy)
+				v.Reason = fmt.Sprintf("%s is %s in this layer", o.BlockedAt, withArticle(o.BlockedBy))
 			}
 		default:
 			v.State = StateHidden
@@ -238,7 +238,7 @@ func (x *explainer) why(li int) (string, error) {
 			case o.Kind == None:
 				continue
 			case o.Kind.IsWhiteout() && topDir < 0:
-				return fmt.Sprintf("hidden by a %s at %s in %s", o.Kind, p, l), nil
+				return fmt.Sprintf("hidden by %s at %s in %s", withArticle(o.Kind), p, l), nil
 			case o.Kind.IsWhiteout():
 				return fmt.Sprintf("hidden: the %s at %s in %s ends the merge of the directory", o.Kind, p, l), nil
 			case o.Kind != Dir && topDir < 0:
@@ -342,7 +342,7 @@ func (x *explainer) verdict(views []LayerView) (string, error) {
 		}
 		switch {
 		case m.Found:
-			return fmt.Sprintf("not visible: /%s is a %s from %s", r.MissingAt, kindOf(&m.Stat), layers[m.Layer]), nil
+			return fmt.Sprintf("not visible: /%s is %s from %s", r.MissingAt, withArticle(kindOf(&m.Stat)), layers[m.Layer]), nil
 		case m.WhiteoutLayer >= 0:
 			return fmt.Sprintf("not visible: /%s is hidden by a whiteout in %s", r.MissingAt, layers[m.WhiteoutLayer]), nil
 		}
@@ -354,4 +354,12 @@ func (x *explainer) verdict(views []LayerView) (string, error) {
 		}
 	}
 	return "not visible: no layer holds it", nil
+}
+
+// withArticle renders a kind with its indefinite article.
+func withArticle(k Kind) string {
+	if strings.ContainsRune("aeiou", rune(k.String()[0])) || k == XattrWhiteout { // "an ex-attr"
+		return "an " + k.String()
+	}
+	return "a " + k.String()
 }
