@@ -296,7 +296,9 @@ func repoRoot() (string, error) {
 
 // runAll runs the repetitions, interleaved: repetition 1 of every
 // (workload, mode, engine), then repetition 2, and so on, so that drift in
-// the machine's state spreads over all engines alike.
+// the machine's state spreads over all engines alike. The engine order
+// rotates by one each repetition, so no engine always runs first after a
+// change of workload (or always right after the slowest engine).
 func (h *harness) runAll(ctx context.Context, rep *report) error {
 	total := 0
 	for _, w := range h.cfg.workloads {
@@ -308,14 +310,18 @@ func (h *harness) runAll(ctx context.Context, rep *report) error {
 	for r := 1; r <= h.cfg.reps; r++ {
 		for _, w := range h.cfg.workloads {
 			for _, mode := range h.modesOf(w) {
-				for _, e := range h.engines {
+				for i := range h.engines {
+					e := h.engines[(i+r-1)%len(h.engines)]
 					if err := ctx.Err(); err != nil {
 						return err
 					}
 					res, err := h.runOne(ctx, e, w, mode, r)
 					done++
-					s := sample{Seconds: res.Seconds, Ops: res.Ops, Bytes: res.Bytes}
+					s := sample{Seconds: res.Seconds, Ops: res.Ops, Bytes: res.Bytes, Busy: res.Busy}
 					status := fmt.Sprintf("%.3fs", res.Seconds)
+					if res.Busy > busyWarn {
+						status += fmt.Sprintf(" (others kept the CPUs %.0f%% busy just before)", 100*res.Busy)
+					}
 					if err != nil {
 						s.Err = err.Error()
 						status = "FAILED: " + s.Err
@@ -330,11 +336,12 @@ func (h *harness) runAll(ctx context.Context, rep *report) error {
 	return nil
 }
 
-// modesOf returns the requested modes that w supports.
+// modesOf returns the requested modes that w runs in, cold first.
 func (h *harness) modesOf(w *workload) []string {
 	var ms []string
-	for _, m := range w.modes {
-		if slices.Contains(h.cfg.modes, m) {
+	for _, m := range bothModes {
+		runs := slices.Contains(w.modes, m) || (h.cfg.allModes && slices.Contains(w.moreModes, m))
+		if runs && slices.Contains(h.cfg.modes, m) {
 			ms = append(ms, m)
 		}
 	}
@@ -377,7 +384,9 @@ func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string
 		o := strings.ReplaceAll(mountOptionsOf(in.mnt), in.dir, "$RUN")
 		h.mountOpts[e.name()] = strings.ReplaceAll(o, h.fix.dir, "$FIX")
 	}
+	busy := h.otherLoad(ctx)
 	res, err = h.worker(ctx, e.user(), w, "run", mode, in.mnt, in.upper)
+	res.Busy = busy
 	if errors.Is(err, errWorkerTimeout) && in.mounted && isFUSE(e) {
 		// A worker stuck on a dead server would block the unmount too.
 		if res2 := abortFUSE(in.mnt); res2 != nil {

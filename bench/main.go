@@ -49,6 +49,8 @@ type config struct {
 	out             string
 	owner           cred
 	timeout         time.Duration
+	allModes        bool          // also run each workload's moreModes
+	waitIdle        time.Duration // before each run, wait up to this long for an idle machine
 }
 
 // run is main without the exit: "worker" runs one workload phase, anything
@@ -106,6 +108,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 		repsFlag  = fl.Int("reps", 0, "repetitions (default 5; 3 with -quick; 1 with -smoke)")
 		workDirFl = fl.String("workdir", "/var/tmp/strata-bench", "where the fixture is cached and mounts are made (must be world-searchable for the rootless engine)")
 	)
+	fl.BoolVar(&cfg.allModes, "all-modes", false, "also run the modes left out by default (rm-rf cold; untar, rename, unlink warm)")
+	fl.DurationVar(&cfg.waitIdle, "wait-idle", 0, "before each run, wait up to this long for other processes to leave the CPUs idle (0: do not wait)")
 	fl.StringVar(&cfg.strata, "strata", "", "strata binary to measure (default: go build the repository's)")
 	fl.StringVar(&cfg.format, "format", "text", "report format: text, csv or json")
 	fl.StringVar(&cfg.out, "out", "", "write the report to this file instead of stdout")
@@ -122,7 +126,11 @@ func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 	if *list {
 		fmt.Fprintf(stdout, "engines: %s\n\nworkloads:\n", strings.Join(allEngines, ", "))
 		for _, w := range workloads {
-			fmt.Fprintf(stdout, "  %-14s %-10s %s\n", w.name, strings.Join(w.modes, ","), w.desc)
+			ms := strings.Join(w.modes, ",")
+			if len(w.moreModes) > 0 {
+				ms += " (+" + strings.Join(w.moreModes, ",") + ")"
+			}
+			fmt.Fprintf(stdout, "  %-14s %-17s %s\n", w.name, ms, w.desc)
 		}
 		return cfg, flag.ErrHelp
 	}

@@ -13,7 +13,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,6 +24,9 @@ type sample struct {
 	Ops     int64   `json:"ops"`
 	Bytes   int64   `json:"bytes"`
 	Err     string  `json:"error,omitempty"`
+	// Busy is the fraction of CPU time other processes used in the 50 ms
+	// before the run (see otherLoad).
+	Busy float64 `json:"busy_before"`
 }
 
 // row is every sample of one (workload, mode, engine) and its summary.
@@ -47,6 +49,11 @@ type row struct {
 	Ops   int64   `json:"ops"`   // of the first successful sample
 	Bytes int64   `json:"bytes"` // of the first successful sample
 	Note  string  `json:"note,omitempty"`
+	// Mismatch says how the row's count differs from kernel overlay's
+	// (entries walked, files read): the engine showed another tree.
+	Mismatch string `json:"mismatch,omitempty"`
+	// MaxBusy is the highest Busy of the successful samples.
+	MaxBusy float64 `json:"max_busy_before"`
 }
 
 // engineInfo is how an engine was mounted.
@@ -77,6 +84,10 @@ type header struct {
 	Skipped     map[string]string `json:"skipped,omitempty"`
 	Workloads   map[string]string `json:"workloads"`
 	Elapsed     string            `json:"elapsed,omitempty"`
+	LoadStart   string            `json:"loadavg_start"`
+	LoadEnd     string            `json:"loadavg_end,omitempty"`
+	// Busy summarizes the samples' Busy: how much other processes ran.
+	Busy string `json:"other_load,omitempty"`
 }
 
 // report is the whole result of one invocation.
@@ -101,6 +112,7 @@ func (h *harness) newReport() *report {
 		Fixture:    h.fix.dir,
 		Skipped:    h.skipped,
 		Workloads:  map[string]string{},
+		LoadStart:  loadAvg(),
 	}
 	m := h.fix.m
 	hd.FixtureDesc = fmt.Sprintf("bottom: %d files, %d symlinks, %d dirs (up to 10 deep); middle: %d overrides, %d whiteouts + %d dir whiteouts, opaque %s hiding %d files, git repo of %d files; top: %s + %s; tar of %d files",
@@ -154,6 +166,24 @@ func (r *report) add(w *workload, mode, engine string, s sample) {
 func (r *report) finish() {
 	if !r.start.IsZero() {
 		r.Header.Elapsed = time.Since(r.start).Round(time.Second).String()
+		r.Header.LoadEnd = loadAvg()
+	}
+	var busy []float64
+	flagged := 0
+	for _, x := range r.Rows {
+		for _, s := range x.Samples {
+			busy = append(busy, s.Busy)
+			if s.Busy > busyWarn {
+				flagged++
+			}
+		}
+	}
+	if med, _, hi := stats(busy); len(busy) > 0 {
+		r.Header.Busy = fmt.Sprintf("CPUs busy with other work just before a run: median %.0f%%, max %.0f%%; %d of %d runs above %.0f%%",
+			100*med, 100*hi, flagged, len(busy), 100*busyWarn)
+		if flagged > 0 {
+			r.Header.Busy += " (their notes say so): those timings include someone else's load"
+		}
 	}
 	base := map[string]*row{}
 	for _, x := range r.Rows {
@@ -173,7 +203,8 @@ func (r *report) finish() {
 		// Engines must agree on what they did: a different entry count
 		// in a walk means a different tree.
 		if x.Ops != k.Ops {
-			x.Note = joinNote(x.Note, fmt.Sprintf("%s: %d, kernel: %d", x.Unit, x.Ops, k.Ops))
+			x.Mismatch = fmt.Sprintf("%s: %d, kernel: %d", x.Unit, x.Ops, k.Ops)
+			x.Note = joinNote(x.Mismatch, x.Note)
 		}
 	}
 }
@@ -203,10 +234,14 @@ func (x *row) summarize() {
 			x.Note = joinNote(x.Note, fmt.Sprintf("%s vary between runs", x.Unit))
 		}
 		secs = append(secs, s.Seconds)
+		x.MaxBusy = max(x.MaxBusy, s.Busy)
 	}
 	x.N = len(secs)
 	if x.Failed > 0 {
 		x.Note = fmt.Sprintf("%d of %d runs failed, first %s", x.Failed, len(x.Samples), x.Note)
+	}
+	if x.MaxBusy > busyWarn {
+		x.Note = joinNote(x.Note, fmt.Sprintf("machine busy before a run (%.0f%% CPU)", 100*x.MaxBusy))
 	}
 	x.Median, x.Min, x.Max = stats(secs)
 }
@@ -297,6 +332,13 @@ func (r *report) headerLines() []string {
 	if h.Elapsed != "" {
 		ls = append(ls, "elapsed: "+h.Elapsed)
 	}
+	ls = append(ls, "load average at start: "+h.LoadStart)
+	if h.LoadEnd != "" {
+		ls = append(ls, "load average at end: "+h.LoadEnd)
+	}
+	if h.Busy != "" {
+		ls = append(ls, "other load: "+h.Busy)
+	}
 	for _, e := range h.Engines {
 		ls = append(ls, fmt.Sprintf("engine %s: %s", e.Name, e.Command))
 		if e.Effective != "" {
@@ -311,28 +353,45 @@ func (r *report) headerLines() []string {
 
 func (r *report) writeText(w io.Writer) error {
 	bw := bufio.NewWriter(w)
-	fmt.Fprintln(bw, "strata bench: seconds per run (median, min, max) and the median's ratio to kernel overlay")
+	fmt.Fprintln(bw, "strata bench: seconds per run (median, min, max) and the median's ratio to kernel overlay's")
 	for _, l := range r.headerLines() {
 		fmt.Fprintln(bw, "  "+l)
 	}
 	fmt.Fprintln(bw)
-	tw := tabwriter.NewWriter(bw, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "workload\tmode\tengine\tmedian\tmin\tmax\tratio\trate\t notes\t")
+	t := [][]string{{"workload", "mode", "engine", "median", "min", "max", "ratio", "rate", "notes"}}
 	prev := ""
 	for _, x := range r.Rows {
 		if k := x.Workload + "/" + x.Mode; k != prev && prev != "" {
-			fmt.Fprintln(tw, "\t\t\t\t\t\t\t\t\t")
+			t = append(t, nil) // a blank line between groups
 		}
 		prev = x.Workload + "/" + x.Mode
 		med, lo, hi := "-", "-", "-"
 		if x.N > 0 {
 			med, lo, hi = fmt.Sprintf("%.3f", x.Median), fmt.Sprintf("%.3f", x.Min), fmt.Sprintf("%.3f", x.Max)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t %s\t\n", x.Workload, x.Mode, x.Engine, med, lo, hi,
-			x.ratioString(), x.rate(), x.Note)
+		t = append(t, []string{x.Workload, x.Mode, x.Engine, med, lo, hi, x.ratioString(), x.rate(), x.Note})
 	}
-	if err := tw.Flush(); err != nil {
-		return err
+	// Names left-aligned, numbers right-aligned; notes run to the end.
+	right := []bool{false, false, false, true, true, true, true, true, false}
+	width := make([]int, len(right))
+	for _, l := range t {
+		for i, c := range l {
+			width[i] = max(width[i], len(c))
+		}
+	}
+	for _, l := range t {
+		var sb strings.Builder
+		for i, c := range l {
+			switch {
+			case i == len(l)-1:
+				sb.WriteString(c)
+			case right[i]:
+				sb.WriteString(strings.Repeat(" ", width[i]-len(c)) + c + "  ")
+			default:
+				sb.WriteString(c + strings.Repeat(" ", width[i]-len(c)) + "  ")
+			}
+		}
+		fmt.Fprintln(bw, strings.TrimRight(sb.String(), " "))
 	}
 	return bw.Flush()
 }

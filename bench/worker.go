@@ -14,6 +14,8 @@ type workerResult struct {
 	Seconds float64 `json:"seconds"`
 	Ops     int64   `json:"ops"`
 	Bytes   int64   `json:"bytes"`
+	// Busy is set by the harness, not the worker: see otherLoad.
+	Busy float64 `json:"-"`
 }
 
 // workerMain is "bench worker": it runs one phase of one workload in its
