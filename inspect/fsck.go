@@ -176,7 +176,7 @@ func Check(o unionfs.Options, opts CheckOptions) (*FsckReport, error) {
 			return nil, fmt.Errorf("refusing to repair: %w", err)
 		}
 		defer release()
-	} else if users, err := mountsUsing([]string{o.Upper, o.Work}); err == nil && len(users) > 0 {
+	} else if users := inUse(o); len(users) > 0 {
 		rep.Notes = append(rep.Notes, "the stack is in use by "+strings.Join(users, ", ")+": changes in flight may show as problems")
 	}
 	c, err := check(o)

@@ -64,6 +64,25 @@ func mountsUsing(dirs []string) ([]string, error) {
 	return out, nil
 }
 
+// inUse lists what uses the stack's upper and work dirs, without taking
+// anything: strata's work dir lock (probed with a shared lock, released at
+// once) and the mount table.
+func inUse(o unionfs.Options) []string {
+	var users []string
+	if o.Work != "" {
+		if fd, err := unix.Open(o.Work, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err == nil {
+			if errors.Is(unix.Flock(fd, unix.LOCK_SH|unix.LOCK_NB), unix.EWOULDBLOCK) {
+				users = append(users, "a strata mount (it holds the work dir's lock)")
+			}
+			unix.Close(fd)
+		}
+	}
+	if m, err := mountsUsing([]string{o.Upper, o.Work}); err == nil {
+		users = append(users, m...)
+	}
+	return users
+}
+
 // claim makes sure no live mount uses the stack's upper and work dirs (or
 // any of extra) and keeps strata mounts out until release is called: it
 // takes the lock a strata mount holds on the work dir for its whole life
