@@ -337,7 +337,7 @@ func readCases() []ut.Case {
 			{ut.File("f", "hidden", 0o644), ut.Xattr("f", "user.bottom", "hidden"), ut.Dir("m", 0o755),
 				ut.Xattr("m", "user.lower", "hidden-by-top-dir")},
 		},
-		Upper: ut.Layer{ut.Dir("m", 0o755), ut.Xattr("m", "user.upper", "u"), ut.PrivateXattr("m", "redirect", "/x")},
+		Upper: ut.Layer{ut.Dir("m", 0o755), ut.Xattr("m", "user.upper", "u"), ut.PrivateXattr("m", "foo", "private")},
 		Ops: func(r *ut.Recorder, mnt string) {
 			r.Explore("f", "o", "l", "m", "big")
 			r.Getxattr("f", "trusted.overlay.foo")
@@ -357,6 +357,17 @@ func readCases() []ut.Case {
 				return "", err
 			})
 		},
+	})
+	add(ut.Case{
+		// A kernel mount with redirect_dir=on leaves renamed merged dirs
+		// as an upper dir with overlay.redirect naming the lower path;
+		// kernels built with REDIRECT_ALWAYS_FOLLOW (the default) follow
+		// it even with redirect_dir=off.
+		Name:   "redirect-xattr-in-upper",
+		Lowers: []ut.Layer{{ut.File("old/x", "x", 0o644), ut.File("old/y", "y", 0o644)}},
+		Upper: ut.Layer{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/old"), ut.File("new/u", "u", 0o644),
+			ut.Whiteout("old")},
+		Ops: explorePaths("", "new", "new/x", "old"),
 	})
 	add(ut.Case{
 		Name: "merged-dir-attributes-from-top",

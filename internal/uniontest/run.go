@@ -243,6 +243,19 @@ func (cfg Config) Execute(t testing.TB, c Case) *Result {
 
 func (r *Result) add(s Section) { r.Sections = append(r.Sections, s) }
 
+// MountLayers builds lowers (topmost first) and upper (nil: none) in a
+// fresh directory with namespace ns, mounts them with tg and returns the
+// mount, unmounted at cleanup. It is the harness's fixture-and-mount step,
+// for tests that check a mount by other means than a comparison (such as
+// go-fuse's posixtest).
+func MountLayers(t testing.TB, tg Target, ns whiteout.NS, lowers []Layer, upper Layer) *Mounted {
+	t.Helper()
+	tg.Require(t)
+	cfg := Config{NS: ns}
+	s := cfg.prepare(t, Case{Lowers: lowers, Upper: upper}, tg, tg.Name())
+	return tg.Mount(t, s.opts)
+}
+
 // prepare builds the case's layers in a fresh directory for one target.
 func (cfg Config) prepare(t testing.TB, c Case, tg Target, label string) *side {
 	t.Helper()
@@ -383,15 +396,16 @@ func compareLogs(a, b []Entry) []Diff {
 	var d []Diff
 	for i := 0; i < max(len(a), len(b)); i++ {
 		var ea, eb Entry
+		sa, sb := "(no more operations)", "(no more operations)"
 		if i < len(a) {
-			ea = a[i]
+			ea, sa = a[i], a[i].String()
 		}
 		if i < len(b) {
-			eb = b[i]
+			eb, sb = b[i], b[i].String()
 		}
 		switch {
 		case ea.Op != eb.Op:
-			d = append(d, Diff{Path: fmt.Sprintf("op %d", i+1), Field: "op", A: ea.String(), B: eb.String()})
+			d = append(d, Diff{Path: fmt.Sprintf("op %d", i+1), Field: "op", A: sa, B: sb})
 		case ea != eb:
 			d = append(d, Diff{Path: fmt.Sprintf("op %d %s", i+1, ea.Op), Field: "result",
 				A: strings.TrimSpace(ea.Result + " " + ea.Output), B: strings.TrimSpace(eb.Result + " " + eb.Output)})
