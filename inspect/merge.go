@@ -319,7 +319,7 @@ func (m *merger) walk(ctx context.Context, p string, fd int, below bool) error {
 			continue
 		}
 		q := child(p, e.Name)
-		carried, err := m.topLowerHas(q, func(o Object) bool { return o.Kind.IsWhiteout() })
+		carried, err := m.topLowerHas(q, func(o Object) bool { return o.Kind == Whiteout }) // an xattr whiteout is converted: listed
 		if err != nil {
 			return err
 		}
