@@ -210,6 +210,18 @@ func (k Kind) MarshalText() ([]byte, error) {
 	return []byte(strings.ReplaceAll(k.String(), " ", "_")), nil
 }
 
+// UnmarshalText parses a name MarshalText gives.
+func (k *Kind) UnmarshalText(b []byte) error {
+	name := strings.ReplaceAll(string(b), "_", " ")
+	for i, n := range kindNames {
+		if n == name {
+			*k = Kind(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown kind %q", b)
+}
+
 // IsWhiteout reports whether k is either whiteout form.
 func (k Kind) IsWhiteout() bool { return k == Whiteout || k == XattrWhiteout }
 
