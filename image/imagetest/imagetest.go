@@ -39,6 +39,8 @@ type Entry struct {
 	// Mode defaults to 0644 for files, 0755 for directories.
 	Mode int64
 	PAX  map[string]string
+	// Major and Minor are a device's numbers.
+	Major, Minor int64
 }
 
 // Tar writes entries as an uncompressed layer tar.
@@ -59,7 +61,7 @@ func Tar(t testing.TB, ents ...Entry) []byte {
 			}
 		}
 		hdr := &tar.Header{Name: e.Name, Typeflag: typ, Linkname: e.Link, Mode: mode, PAXRecords: e.PAX,
-			ModTime: time1}
+			ModTime: time1, Devmajor: e.Major, Devminor: e.Minor}
 		if typ == tar.TypeReg {
 			hdr.Size = int64(len(e.Data))
 		}
