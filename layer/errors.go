@@ -46,7 +46,11 @@ func (e *RefusedError) Error() string {
 		}
 		parts = append(parts, r.String())
 	}
-	return fmt.Sprintf("refused %d unsafe archive entries: %s", len(e.Refused), strings.Join(parts, "; "))
+	noun := "entries"
+	if len(e.Refused) == 1 {
+		noun = "entry"
+	}
+	return fmt.Sprintf("refused %d unsafe archive %s: %s", len(e.Refused), noun, strings.Join(parts, "; "))
 }
 
 // DigestError is a digest that did not match the expected one.

@@ -158,6 +158,15 @@ func Import(ctx context.Context, r io.Reader, target string, opts ImportOptions)
 	err = u.unpack(ctx, r)
 	u.dirs.close()
 	if err != nil {
+		// A blob that does not decompress or parse is most likely
+		// corrupt: when its digest is known, say so.
+		if opts.Digest != "" && u.raw != nil && ctx.Err() == nil {
+			if _, derr := io.CopyBuffer(io.Discard, u.raw, u.buf); derr == nil {
+				if got := u.raw.digest(); got != opts.Digest {
+					return res, fmt.Errorf("import: %w (corrupt blob: %v)", &DigestError{What: "digest", Want: opts.Digest, Got: got}, err)
+				}
+			}
+		}
 		return res, fmt.Errorf("import: %w", err)
 	}
 	if len(res.Refused) > 0 && !opts.SkipRefused {
@@ -264,6 +273,7 @@ type unpacker struct {
 	// entries changes a directory's mtime.
 	dirMeta []dirMeta
 	buf     []byte
+	raw     *hashReader // the input as read, for its digest
 }
 
 type dirMeta struct {
@@ -276,6 +286,7 @@ type dirMeta struct {
 // unpack reads the whole archive.
 func (u *unpacker) unpack(ctx context.Context, r io.Reader) error {
 	raw := newHashReader(r)
+	u.raw = raw
 	br := bufio.NewReaderSize(raw, 64<<10)
 	dr, comp, release, err := decompress(br)
 	if err != nil {
@@ -286,7 +297,7 @@ func (u *unpacker) unpack(ctx context.Context, r io.Reader) error {
 	stream := newHashReader(dr)
 	tr := tar.NewReader(stream)
 	var lastEnd int64 // end of the last entry's data, rounded to a block
-	last := "(start of archive)"
+	last := ""
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -302,7 +313,7 @@ func (u *unpacker) unpack(ctx context.Context, r io.Reader) error {
 				if stream.n == 0 {
 					return fmt.Errorf("%w: empty input", ErrTruncated)
 				}
-				return fmt.Errorf("%w: no end-of-archive marker after %q", ErrTruncated, last)
+				return fmt.Errorf("%w: no end-of-archive marker after entry %q", ErrTruncated, last)
 			}
 			break
 		}
@@ -344,15 +355,19 @@ const blockSize = 512
 
 // readError explains an archive read error.
 func readError(err error, last string) error {
+	where := "at the start of the archive"
+	if last != "" {
+		where = fmt.Sprintf("after entry %q", last)
+	}
 	switch {
 	case errors.Is(err, io.ErrUnexpectedEOF):
-		return fmt.Errorf("%w: input ends inside or after entry %q: %w", ErrTruncated, last, err)
+		return fmt.Errorf("%w: input ends %s: %w", ErrTruncated, where, err)
 	case errors.Is(err, tar.ErrFieldTooLong):
-		return fmt.Errorf("%w: after entry %q (PAX or long-name record over 1 MiB): %w", ErrHeaderTooLarge, last, err)
+		return fmt.Errorf("%w %s (PAX or long-name record over 1 MiB): %w", ErrHeaderTooLarge, where, err)
 	case errors.Is(err, tar.ErrHeader):
-		return fmt.Errorf("invalid tar header after entry %q: %w", last, err)
+		return fmt.Errorf("invalid tar header %s: %w", where, err)
 	}
-	return fmt.Errorf("read archive after entry %q: %w", last, err)
+	return fmt.Errorf("read archive %s: %w", where, err)
 }
 
 func (u *unpacker) refuse(name, reason string) {
