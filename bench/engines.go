@@ -454,6 +454,7 @@ func unmountPath(mnt string, logw io.Writer) error {
 
 // mountEntry is one line of /proc/self/mountinfo.
 type mountEntry struct {
+	dev                                    string // major:minor
 	point, fstype, source, opts, superOpts string
 }
 
@@ -485,7 +486,7 @@ func parseMountinfo(b []byte) []mountEntry {
 		if sep < 0 || len(f) < sep+4 {
 			continue
 		}
-		out = append(out, mountEntry{point: unescapeMount(f[4]), opts: f[5], fstype: f[sep+1],
+		out = append(out, mountEntry{dev: f[2], point: unescapeMount(f[4]), opts: f[5], fstype: f[sep+1],
 			source: unescapeMount(f[sep+2]), superOpts: f[sep+3]})
 	}
 	return out

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -114,7 +115,9 @@ func runHarness(ctx context.Context, cfg config, logw io.Writer) (rep *report, e
 func (h *harness) close() error {
 	var errs []error
 	for _, p := range mountsUnder(h.runDir) {
-		fmt.Fprintf(h.log, "warning: %s still mounted at exit; unmounting\n", p)
+		if p != filepath.Join(h.runDir, "fusectl") { // abortFUSE's, expected
+			fmt.Fprintf(h.log, "warning: %s still mounted at exit; unmounting\n", p)
+		}
 		if err := unmountPath(p, h.log); err != nil {
 			errs = append(errs, err)
 		}
@@ -352,8 +355,10 @@ func (h *harness) modesOf(w *workload) []string {
 // sync (and in cold mode, dropped caches), a fresh mount, the worker, then
 // unmount and cleanup, which run even when the context is cancelled.
 func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string, r int) (res workerResult, err error) {
+	ph := phases{last: time.Now()}
 	dir := filepath.Join(h.runDir, "inst", fmt.Sprintf("%s-%s-%s-%d", e.name(), w.name, mode, r))
 	in, err := e.setup(ctx, h, dir, w)
+	ph.mark("setup")
 	if err != nil {
 		return res, fmt.Errorf("setup: %w", err)
 	}
@@ -362,39 +367,79 @@ func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string
 		if uerr := e.unmount(bg, h, in); uerr != nil {
 			err = errors.Join(err, fmt.Errorf("unmount: %w", uerr))
 		}
+		reapOrphans()
+		ph.mark("unmount")
 		if cerr := e.cleanup(h, in, w); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
+		}
+		ph.mark("cleanup")
+		if h.cfg.verbose {
+			fmt.Fprintf(h.log, "  phases: %s\n", ph)
 		}
 	}()
 	if w.prepare != nil {
 		if _, err := h.worker(ctx, e.user(), w, "prepare", mode, in.writable, in.writable); err != nil {
 			return res, fmt.Errorf("prepare: %w", err)
 		}
+		ph.mark("prepare")
 	}
 	unix.Sync()
+	ph.mark("sync")
 	if mode == modeCold {
 		if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0); err != nil {
 			return res, fmt.Errorf("drop caches: %w", err)
 		}
+		ph.mark("drop-caches")
 	}
 	if err := e.mount(ctx, h, in); err != nil {
 		return res, fmt.Errorf("mount: %w", err)
 	}
+	ph.mark("mount")
 	if _, ok := h.mountOpts[e.name()]; !ok && in.dir != "" {
 		o := strings.ReplaceAll(mountOptionsOf(in.mnt), in.dir, "$RUN")
 		h.mountOpts[e.name()] = strings.ReplaceAll(o, h.fix.dir, "$FIX")
 	}
 	busy := h.otherLoad(ctx)
+	ph.mark("load-sample")
 	res, err = h.worker(ctx, e.user(), w, "run", mode, in.mnt, in.upper)
+	ph.mark("worker")
 	res.Busy = busy
 	if errors.Is(err, errWorkerTimeout) && in.mounted && isFUSE(e) {
 		// A worker stuck on a dead server would block the unmount too.
-		if res2 := abortFUSE(in.mnt); res2 != nil {
+		if res2 := h.abortFUSE(in.mnt); res2 != nil {
 			fmt.Fprintf(h.log, "warning: %v\n", res2)
 		}
 	}
 	return res, err
 }
+
+// reapOrphans reaps exited orphans that were reparented to the harness
+// (it is a child subreaper), such as the children of a killed worker.
+// Between runs no exec.Cmd of the harness is running, so every child it
+// could reap is an orphan.
+func reapOrphans() {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if pid <= 0 || err != nil {
+			return
+		}
+	}
+}
+
+// phases times the steps of one run, for -v.
+type phases struct {
+	last  time.Time
+	steps []string
+}
+
+func (p *phases) mark(step string) {
+	now := time.Now()
+	p.steps = append(p.steps, step+"="+now.Sub(p.last).Round(time.Millisecond).String())
+	p.last = now
+}
+
+func (p phases) String() string { return strings.Join(p.steps, " ") }
 
 // errWorkerTimeout marks a worker killed by the per-run timeout.
 var errWorkerTimeout = errors.New("worker timed out")
@@ -417,6 +462,10 @@ func (h *harness) worker(ctx context.Context, c *cred, w *workload, phase, mode,
 		"-dir", dir, "-fixture", h.fix.dir, "-sync-dir", syncDir})
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Env, cmd.Dir = h.workerEnv, "/"
+	// Its own process group, killed as a whole on timeout or interrupt:
+	// a surviving child (ls, tar, git) would keep the mount busy.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return unix.Kill(-cmd.Process.Pid, unix.SIGKILL) }
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	// If the worker hangs in a FUSE request, SIGKILL alone may not free
@@ -424,9 +473,12 @@ func (h *harness) worker(ctx context.Context, c *cred, w *workload, phase, mode,
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Run(); err != nil {
 		if ctx.Err() == context.DeadlineExceeded {
-			return res, fmt.Errorf("%w after %s: %s", errWorkerTimeout, h.cfg.timeout, tail(stderr.Bytes(), 400))
+			err = fmt.Errorf("%w after %s", errWorkerTimeout, h.cfg.timeout)
 		}
-		return res, fmt.Errorf("%w: %s", err, tail(stderr.Bytes(), 600))
+		if msg := tail(stderr.Bytes(), 600); msg != "" {
+			err = fmt.Errorf("%w: %s", err, msg)
+		}
+		return res, err
 	}
 	if phase != "run" {
 		return res, nil
@@ -439,27 +491,37 @@ func (h *harness) worker(ctx context.Context, c *cred, w *workload, phase, mode,
 
 // abortFUSE aborts the FUSE connection of the mount at mnt through
 // fusectl, which fails every pending and future request of a hung server.
-func abortFUSE(mnt string) error {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+// fusectl is mounted under the run dir if the system has not mounted it.
+func (h *harness) abortFUSE(mnt string) error {
+	ms, err := readMounts()
 	if err != nil {
 		return err
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 4 && unescapeMount(f[4]) == mnt {
-			_, minor, ok := strings.Cut(f[2], ":")
-			if !ok {
-				break
-			}
-			if _, err := strconv.Atoi(minor); err != nil {
-				break
-			}
-			p := "/sys/fs/fuse/connections/" + minor + "/abort"
-			if err := os.WriteFile(p, []byte("1"), 0); err != nil {
-				return fmt.Errorf("abort FUSE connection of %s: %w", mnt, err)
-			}
-			return nil
+	dev, ctl := "", ""
+	for _, m := range ms {
+		if m.point == mnt {
+			dev = m.dev
+		}
+		if m.fstype == "fusectl" {
+			ctl = m.point
 		}
 	}
+	_, minor, ok := strings.Cut(dev, ":")
+	if _, err := strconv.Atoi(minor); !ok || err != nil {
+		return fmt.Errorf("abort FUSE connection of %s: no device number in mountinfo", mnt)
+	}
+	if ctl == "" {
+		ctl = filepath.Join(h.runDir, "fusectl")
+		if err := os.MkdirAll(ctl, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount("fusectl", ctl, "fusectl", 0, ""); err != nil {
+			return fmt.Errorf("mount fusectl to abort %s: %w", mnt, err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(ctl, minor, "abort"), []byte("1"), 0); err != nil {
+		return fmt.Errorf("abort FUSE connection of %s: %w", mnt, err)
+	}
+	fmt.Fprintf(h.log, "warning: aborted the FUSE connection of %s (worker timed out)\n", mnt)
 	return nil
 }

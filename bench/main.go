@@ -49,6 +49,7 @@ type config struct {
 	out             string
 	owner           cred
 	timeout         time.Duration
+	verbose         bool          // log each run's phases
 	allModes        bool          // also run each workload's moreModes
 	waitIdle        time.Duration // before each run, wait up to this long for an idle machine
 }
@@ -108,6 +109,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 		repsFlag  = fl.Int("reps", 0, "repetitions (default 5; 3 with -quick; 1 with -smoke)")
 		workDirFl = fl.String("workdir", "/var/tmp/strata-bench", "where the fixture is cached and mounts are made (must be world-searchable for the rootless engine)")
 	)
+	fl.BoolVar(&cfg.verbose, "v", false, "log how long each phase of each run took")
 	fl.BoolVar(&cfg.allModes, "all-modes", false, "also run the modes left out by default (rm-rf cold; untar, rename, unlink warm)")
 	fl.DurationVar(&cfg.waitIdle, "wait-idle", 0, "before each run, wait up to this long for other processes to leave the CPUs idle (0: do not wait)")
 	fl.StringVar(&cfg.strata, "strata", "", "strata binary to measure (default: go build the repository's)")
