@@ -211,6 +211,18 @@ func printExplanation(w io.Writer, x *inspect.Explanation) {
 	}
 }
 
+// plural renders n with the singular or plural noun (plural: noun+"s"
+// unless given).
+func plural(n int, noun string, pl ...string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	if len(pl) > 0 {
+		return fmt.Sprintf("%d %s", n, pl[0])
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
+}
+
 // writeTrimmed writes text with the trailing blanks of each line removed
 // (tabwriter pads every cell, the last one too when it is empty).
 func writeTrimmed(w io.Writer, text string) {
@@ -366,11 +378,11 @@ func printFsck(w io.Writer, rep *inspect.FsckReport, repair bool) {
 	case len(rep.Remaining) == 0 && rep.Corrected() == 0:
 		fmt.Fprintln(w, "no problems")
 	case len(rep.Remaining) == 0:
-		fmt.Fprintf(w, "%d problems corrected, none left\n", rep.Corrected())
+		fmt.Fprintf(w, "%s corrected, none left\n", plural(rep.Corrected(), "problem"))
 	default:
-		msg := fmt.Sprintf("%d problems left (%d errors, %d warnings)", len(rep.Remaining), errs, len(rep.Remaining)-errs)
+		msg := fmt.Sprintf("%s left (%s, %s)", plural(len(rep.Remaining), "problem"), plural(errs, "error"), plural(len(rep.Remaining)-errs, "warning"))
 		if repair {
-			msg = fmt.Sprintf("%d problems corrected; ", rep.Corrected()) + msg
+			msg = fmt.Sprintf("%s corrected; ", plural(rep.Corrected(), "problem")) + msg
 		} else if repairable > 0 {
 			msg += fmt.Sprintf("; %d repairable with --repair", repairable)
 		}
@@ -435,7 +447,7 @@ func printMerge(w io.Writer, plan *inspect.MergePlan) {
 	}
 	tw.Flush()
 	writeTrimmed(w, b.String())
-	fmt.Fprintf(w, "  (%d objects and markers of %s carried over unchanged)\n", plan.Carried, showPath(top))
+	fmt.Fprintf(w, "  (%s of %s carried over unchanged)\n", plural(plan.Carried, "object or marker", "objects and markers"), showPath(top))
 	switch {
 	case plan.Applied:
 		v := "verified: the new stack shows the same tree"

@@ -28,8 +28,8 @@ const (
 
 // Change is one line of a diff.
 type Change struct {
-	Kind ChangeKind `json:"kind"`
-	Path string     `json:"path"`
+	Kind ChangeKind `json:"kind"` // A, C or D
+	Path string     `json:"path"` // from the merged root
 	// Type of the object: the new one for A and C, the old one for D.
 	Type string `json:"type"`
 	// MetadataOnly: a C whose data (file content, symlink target, device

@@ -30,8 +30,10 @@ const (
 // Explanation is how one path resolves through a stack, and what each
 // layer holds there.
 type Explanation struct {
-	Path  string `json:"path"`
-	Found bool   `json:"found"`
+	// Path is the explained path, cleaned ("/a/b").
+	Path string `json:"path"`
+	// Found: the merged tree shows an object at Path.
+	Found bool `json:"found"`
 	// Type of the visible object ("" when not found).
 	Type string `json:"type,omitempty"`
 	// Layer decides (for a directory: its topmost copy); -1 when not found.
@@ -50,7 +52,7 @@ type Explanation struct {
 
 // MergedDir is one layer's copy of a merged directory.
 type MergedDir struct {
-	Layer   int    `json:"layer"`
+	Layer   int    `json:"layer"`   // layer index
 	Opacity string `json:"opacity"` // "y", "x" or "-"
 }
 
@@ -58,11 +60,12 @@ type MergedDir struct {
 // of it.
 type LayerView struct {
 	Layer
+	// Holds is what the layer has at the path, on its own.
 	Holds Kind   `json:"holds"`
 	Mode  string `json:"mode,omitempty"` // permission bits, octal
-	UID   uint32 `json:"uid"`
-	GID   uint32 `json:"gid"`
-	Size  int64  `json:"size,omitempty"`
+	UID   uint32 `json:"uid"`            // owner
+	GID   uint32 `json:"gid"`            // group
+	Size  int64  `json:"size,omitempty"` // of a regular file
 	// Target of a symlink.
 	Target string `json:"target,omitempty"`
 	// Opacity of a directory: "y" opaque, "x" holds xattr whiteouts.
@@ -70,11 +73,15 @@ type LayerView struct {
 	// BlockedAt: the layer holds nothing here because its copy of this
 	// parent is not a directory (BlockedBy says what it is).
 	BlockedAt string `json:"blocked_at,omitempty"`
-	BlockedBy string `json:"blocked_by,omitempty"`
+	BlockedBy Kind   `json:"blocked_by,omitempty"`
 	// State is one of the State* constants.
-	State  string   `json:"state"`
-	Reason string   `json:"reason,omitempty"`
-	Notes  []string `json:"notes,omitempty"`
+	State string `json:"state"`
+	// Reason says why, for the hidden, whiteout and (blocked) absent
+	// states.
+	Reason string `json:"reason,omitempty"`
+	// Notes flag markers that do not mean what they seem (another
+	// namespace's, unmarked xattr whiteouts, ".wh." names).
+	Notes []string `json:"notes,omitempty"`
 }
 
 // Explain resolves each path through the stack, as a lookup through the
@@ -146,7 +153,7 @@ func (s *Stack) explain(path string) (Explanation, error) {
 			}
 		}
 		if o.BlockedAt != "" {
-			v.BlockedAt, v.BlockedBy = o.BlockedAt, o.BlockedBy.String()
+			v.BlockedAt, v.BlockedBy = o.BlockedAt, o.BlockedBy
 		}
 		switch {
 		case r.Found && li == r.Layer:

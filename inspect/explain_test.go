@@ -142,7 +142,7 @@ func TestExplainNeverFollowsSymlinks(t *testing.T) {
 			t.Fatal(err)
 		}
 		l := ex[0].Layers[0]
-		if ex[0].Found || l.Holds != inspect.None || l.BlockedBy != "symlink" {
+		if ex[0].Found || l.Holds != inspect.None || l.BlockedBy != inspect.Symlink {
 			t.Errorf("%s: found=%v holds %s blocked by %q; want nothing, blocked by a symlink", p, ex[0].Found, l.Holds, l.BlockedBy)
 		}
 	}

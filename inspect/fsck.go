@@ -82,14 +82,17 @@ const (
 
 // Problem is one finding of [Check].
 type Problem struct {
-	Code     string `json:"code"`
+	// Code is one of the stable codes (OrphanWhiteout, ...).
+	Code string `json:"code"`
+	// Severity is SeverityError or SeverityWarning.
 	Severity string `json:"severity"`
 	// Layer is the layer index, or -1 for the work dir or the whole stack.
 	Layer int `json:"layer"`
 	// Role is "upper", "lower", "work" or "stack".
 	Role string `json:"role"`
 	// Path inside the layer ("/d/x"), or inside the work dir.
-	Path    string `json:"path"`
+	Path string `json:"path"`
+	// Message explains the problem and its effect.
 	Message string `json:"message"`
 	// Repair says what --repair does about it; "" when it does nothing.
 	Repair string `json:"repair,omitempty"`

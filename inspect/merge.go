@@ -42,7 +42,7 @@ type MergeStep struct {
 	// (hard-link to an object already placed, or, with Into, to the top
 	// lower's own object), "whiteout" or "opaque".
 	Op   string `json:"op"`
-	Path string `json:"path"`
+	Path string `json:"path"` // in the new layer
 	// From is the layer the object comes from (-1 for markers).
 	From int `json:"from"`
 	// Type of the object, for dir/copy/link.
@@ -58,7 +58,8 @@ type MergeStep struct {
 type MergePlan struct {
 	// Target is the directory that will hold the new layer.
 	Target string `json:"target"`
-	Into   bool   `json:"into"`
+	// Into: the target is the top lower layer, rebuilt in place.
+	Into bool `json:"into"`
 	// Upper and TopLower are the directories folded together.
 	Upper    string `json:"upper"`
 	TopLower string `json:"top_lower"`
@@ -73,11 +74,15 @@ type MergePlan struct {
 	NewLowers []string `json:"new_lowers"`
 	// NewOptions are the -o options for the stack after the merge: with
 	// ResetUpper the (emptied) upper dir stays; otherwise, without it.
-	NewOptions string   `json:"new_options"`
-	Warnings   []string `json:"warnings,omitempty"`
-	Applied    bool     `json:"applied"`
-	Verified   bool     `json:"verified"`
-	UpperReset bool     `json:"upper_reset"`
+	NewOptions string `json:"new_options"`
+	// Warnings are things to know before applying.
+	Warnings []string `json:"warnings,omitempty"`
+	// Applied: the new layer is in place.
+	Applied bool `json:"applied"`
+	// Verified: its merged tree was compared with the stack's and equal.
+	Verified bool `json:"verified"`
+	// UpperReset: the upper dir was emptied afterwards.
+	UpperReset bool `json:"upper_reset"`
 }
 
 // Merge folds the upper dir into the top lower layer: the result, a layer

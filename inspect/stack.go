@@ -35,9 +35,9 @@ func ParseOptions(data string) (unionfs.Options, error) {
 
 // Layer describes one layer of a stack.
 type Layer struct {
-	Index int    `json:"layer"`
-	Role  string `json:"role"` // "upper" or "lower"
-	Path  string `json:"path"` // absolute
+	Index int    `json:"layer"` // 0 is the upper dir when there is one
+	Role  string `json:"role"`  // "upper" or "lower"
+	Path  string `json:"path"`  // absolute
 }
 
 // String renders the layer for messages: "layer 1 (lower /l1)".
@@ -273,6 +273,7 @@ func typeName(mode uint32) string {
 
 // Object is what one layer holds at one path, seen on its own.
 type Object struct {
+	// Kind of the object, None when there is none.
 	Kind Kind
 	// Stat is the lstat of the object (zero for None).
 	Stat unix.Stat_t

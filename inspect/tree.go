@@ -24,11 +24,11 @@ import (
 // Inode numbers, st_dev, atime and ctime are left out: the kernel leaves
 // them to the filesystem.
 type Node struct {
-	Path   string            `json:"path"`
-	Type   string            `json:"type"` // Kind names; "unresolvable" for a listed name that lookup refuses
-	Mode   uint32            `json:"mode"` // permission bits, setuid/setgid/sticky included
-	UID    uint32            `json:"uid"`
-	GID    uint32            `json:"gid"`
+	Path   string            `json:"path"`             // from the merged root: "/", "/a/b"
+	Type   string            `json:"type"`             // Kind names; "unresolvable" for a listed name that lookup refuses
+	Mode   uint32            `json:"mode"`             // permission bits, setuid/setgid/sticky included
+	UID    uint32            `json:"uid"`              // owner
+	GID    uint32            `json:"gid"`              // group
 	Size   int64             `json:"size,omitempty"`   // regular files
 	Digest string            `json:"digest,omitempty"` // sha256 of a regular file's data
 	Target string            `json:"target,omitempty"` // symlinks
