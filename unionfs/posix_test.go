@@ -85,9 +85,11 @@ func posixLowers() map[string][2]ut.Layer {
 		{ut.File("dir1/a", "hidden", 0o644), ut.File("dir2/b", "hidden", 0o644)},
 		{ut.Whiteout("dir1"), ut.Whiteout("dir2")},
 	}
+	var fd ut.Layer
 	for i := 0; i <= 9; i++ {
-		m["FstatDeleted"] = [2]ut.Layer{append(m["FstatDeleted"][0], file(fmt.Sprint(i), 0o644))}
+		fd = append(fd, file(fmt.Sprint(i), 0o644))
 	}
+	m["FstatDeleted"] = [2]ut.Layer{fd}
 	return m
 }
 

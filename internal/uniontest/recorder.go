@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"strata/internal/sysx"
 )
 
 // Entry is one logged operation.
@@ -380,12 +382,7 @@ func (r *Recorder) Listxattr(p string) {
 		if err != nil {
 			return "", err
 		}
-		var names []string
-		for _, s := range strings.Split(string(buf[:n]), "\x00") {
-			if s != "" {
-				names = append(names, s)
-			}
-		}
+		names := sysx.SplitNames(buf[:n])
 		sort.Strings(names)
 		return "[" + strings.Join(names, " ") + "]", nil
 	})
@@ -750,12 +747,7 @@ func (r *Recorder) Explore(paths ...string) {
 		r.Listxattr(p)
 		buf := make([]byte, 64<<10)
 		if n, err := unix.Llistxattr(r.Path(p), buf); err == nil {
-			var names []string
-			for _, x := range strings.Split(string(buf[:n]), "\x00") {
-				if x != "" {
-					names = append(names, x)
-				}
-			}
+			names := sysx.SplitNames(buf[:n])
 			sort.Strings(names)
 			for _, x := range names {
 				r.Getxattr(p, x)
