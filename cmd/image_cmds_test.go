@@ -221,3 +221,52 @@ func TestImageMount(t *testing.T) {
 		t.Errorf("rm after umount: %s", stderr)
 	}
 }
+
+// TestImageRootless: an unprivileged user unpacks into a store of its own:
+// the store takes the userxattr format, layers keep the user's ids, and
+// ls and rm work.
+func TestImageRootless(t *testing.T) {
+	testenv.RequireRoot(t)
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		testenv.Need(t, "setpriv", err.Error())
+	}
+	src, _, _ := imageSource(t)
+	dir, err := os.MkdirTemp("/tmp", "strata-image-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	os.Chown(dir, testUID, testUID)
+	os.Chmod(filepath.Dir(strataBin), 0o755)
+	// The source must be readable by the user.
+	for p := src; p != "/" && p != "/tmp"; p = filepath.Dir(p) {
+		os.Chmod(p, 0o755)
+	}
+	store := filepath.Join(dir, "store")
+	script := `
+$STRATA image unpack --store ` + store + ` --ref a:1 ` + src + `
+$STRATA image ls --store ` + store + `
+$STRATA image rm --store ` + store + ` a:1
+`
+	out, err := asUser(t, script)
+	if err != nil {
+		t.Fatalf("rootless image commands: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "3 layers (3 new") || !strings.Contains(out, "example.com/a:1") || !strings.Contains(out, "3 layers removed") {
+		t.Errorf("output:\n%s", out)
+	}
+	meta, _ := os.ReadFile(filepath.Join(store, "store.json"))
+	if !strings.Contains(string(meta), `"xattr":"user"`) {
+		t.Errorf("store.json %s: want the user format", meta)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(store, "layers")); len(ents) != 0 {
+		t.Errorf("layers left: %v", ents)
+	}
+	// Root may use the user's store too (reading user.* is not
+	// privileged), and keeps its format.
+	code, _, stderr := runMain("image", "unpack", "--store", store, "--ref", "b:2", src)
+	if code != 0 {
+		t.Errorf("root unpack into a user store: %s", stderr)
+	}
+}

@@ -78,6 +78,9 @@ func layers(t testing.TB) []it.Layer {
 		it.Entry{Name: "usr/lib/d", Data: "d"},
 		it.Entry{Name: ".wh.home"},
 		it.Entry{Name: "bin/ls", Data: "a real ls now", Mode: 0o755},
+		// Whiteout and new content of one dir in one layer.
+		it.Entry{Name: ".wh.opt"},
+		it.Entry{Name: "opt/fresh", Data: "f"},
 	)
 	return []it.Layer{{Tar: base, Compression: it.Gzip}, {Tar: mid, Compression: it.None}, {Tar: top, Compression: it.Zstd}}
 }

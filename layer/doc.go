@@ -16,9 +16,17 @@
 // one and builds the layer directory. strata never writes ".wh." names into
 // a layer directory: the OCI form exists only inside tars.
 //
+// A whiteout applies to lower layers only (layer.md): when one layer holds
+// both ".wh.d" and entries under d (in either order), the lower d is gone
+// and this layer's d replaces it. In the kernel format that is an opaque
+// directory, and Import writes it so. A whiteout of a non-directory the
+// same layer adds changes nothing (the non-directory hides what is below).
+//
 // # Export
 //
-// Export is deterministic: names are visited in byte order, owners are
+// Export is deterministic: directory entries are visited in byte order of
+// their names on disk (a whiteout for "b" is written as ".wh.b" where "b"
+// sorts), directories before their contents, owners are
 // numeric only, modification times are kept to the second (as docker and
 // containerd write them) and access/change times are left out, so the same
 // tree always gives the same diffID. Overlay-private attributes

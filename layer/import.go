@@ -150,7 +150,7 @@ func Import(ctx context.Context, r io.Reader, target string, opts ImportOptions)
 		}
 	}()
 
-	u := &unpacker{opts: opts, res: res, root: root, dirs: newDirCache(root),
+	u := &unpacker{opts: opts, res: res, root: root, dirs: newDirCache(root, opts.NS),
 		log: opts.Logger, buf: make([]byte, 64<<10)}
 	if u.log == nil {
 		u.log = slog.New(slog.DiscardHandler)
@@ -443,13 +443,15 @@ func (u *unpacker) entry(ctx context.Context, hdr *tar.Header, r io.Reader) erro
 }
 
 // whiteout makes name in dirfd a whiteout. OCI (layer.md): a whiteout
-// applies to lower layers only, so one for a name this same layer adds is
-// ignored.
+// applies to lower layers only; a name this same layer adds stays. For a
+// directory that means: the lower one is gone, this one replaces it,
+// which the kernel format says by making it opaque. A non-directory
+// hides what is below anyway.
 func (u *unpacker) whiteout(dirfd int, name string, hdr *tar.Header) error {
 	var st unix.Stat_t
 	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
-		if !whiteout.IsCharWhiteout(&st) {
-			u.skip(hdr.Name, "whiteout of a name this layer adds, ignored")
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			return whiteout.SetOpaque(dirfd, name, u.opts.NS)
 		}
 		return nil
 	}
@@ -459,25 +461,26 @@ func (u *unpacker) whiteout(dirfd int, name string, hdr *tar.Header) error {
 // prepare makes room for a new entry base in parent: an existing
 // directory stays when the entry is a directory (tar merges), anything
 // else that is there is replaced (the later entry wins, as with tar).
-// It reports whether a directory is there to merge into.
-func (u *unpacker) prepare(parent int, parts []string, isDir bool) (bool, error) {
+// It reports whether a directory is there to merge into, and whether a
+// whiteout of this layer was replaced.
+func (u *unpacker) prepare(parent int, parts []string, isDir bool) (exists, wasWhiteout bool, err error) {
 	base := parts[len(parts)-1]
 	var st unix.Stat_t
-	err := unix.Fstatat(parent, base, &st, unix.AT_SYMLINK_NOFOLLOW)
+	err = unix.Fstatat(parent, base, &st, unix.AT_SYMLINK_NOFOLLOW)
 	if errors.Is(err, unix.ENOENT) {
-		return false, nil
+		return false, false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("stat %q: %w", strings.Join(parts, "/"), err)
+		return false, false, fmt.Errorf("stat %q: %w", strings.Join(parts, "/"), err)
 	}
 	if isDir && st.Mode&unix.S_IFMT == unix.S_IFDIR {
-		return true, nil
+		return true, false, nil
 	}
 	u.dirs.invalidate(strings.Join(parts, "/"))
 	if err := removeAllAt(parent, base); err != nil {
-		return false, fmt.Errorf("replace %q: %w", strings.Join(parts, "/"), err)
+		return false, false, fmt.Errorf("replace %q: %w", strings.Join(parts, "/"), err)
 	}
-	return false, nil
+	return false, whiteout.IsCharWhiteout(&st), nil
 }
 
 // dir creates or updates the directory parts (nil: the root). Owner and
@@ -488,13 +491,20 @@ func (u *unpacker) dir(parts []string, hdr *tar.Header) error {
 		if err != nil {
 			return err
 		}
-		exists, err := u.prepare(parent, parts, true)
+		exists, wasWhiteout, err := u.prepare(parent, parts, true)
 		if err != nil {
 			return err
 		}
 		if !exists {
 			if err := unix.Mkdirat(parent, parts[len(parts)-1], 0o700); err != nil {
 				return fmt.Errorf("mkdir %q: %w", hdr.Name, err)
+			}
+		}
+		if wasWhiteout {
+			// See [unpacker.whiteout]: whiteout and directory in one
+			// layer make an opaque directory.
+			if err := whiteout.SetOpaque(parent, parts[len(parts)-1], u.opts.NS); err != nil {
+				return err
 			}
 		}
 	}
@@ -539,7 +549,7 @@ func (u *unpacker) finishDirs() error {
 
 // file creates a regular file and writes its data.
 func (u *unpacker) file(ctx context.Context, parent int, parts []string, hdr *tar.Header, r io.Reader) error {
-	if _, err := u.prepare(parent, parts, false); err != nil {
+	if _, _, err := u.prepare(parent, parts, false); err != nil {
 		return err
 	}
 	base := parts[len(parts)-1]
@@ -609,7 +619,7 @@ func (u *unpacker) symlink(parent int, parts []string, hdr *tar.Header) error {
 	if hdr.Linkname == "" {
 		return refusef("symlink with an empty target")
 	}
-	if _, err := u.prepare(parent, parts, false); err != nil {
+	if _, _, err := u.prepare(parent, parts, false); err != nil {
 		return err
 	}
 	base := parts[len(parts)-1]
@@ -668,7 +678,7 @@ func (u *unpacker) hardlink(parent int, parts []string, hdr *tar.Header) error {
 	if unix.Fstatat(parent, base, &dst, unix.AT_SYMLINK_NOFOLLOW) == nil && dst.Dev == sst.Dev && dst.Ino == sst.Ino {
 		return nil // already that file
 	}
-	if _, err := u.prepare(parent, parts, false); err != nil {
+	if _, _, err := u.prepare(parent, parts, false); err != nil {
 		return err
 	}
 	if err := unix.Linkat(srcParent, srcBase, parent, base, 0); err != nil {
@@ -682,7 +692,7 @@ func (u *unpacker) hardlink(parent int, parts []string, hdr *tar.Header) error {
 
 // special creates a fifo or a device node.
 func (u *unpacker) special(parent int, parts []string, hdr *tar.Header) error {
-	if _, err := u.prepare(parent, parts, false); err != nil {
+	if _, _, err := u.prepare(parent, parts, false); err != nil {
 		return err
 	}
 	base := parts[len(parts)-1]

@@ -26,11 +26,13 @@ func TestImportedLayersMountInKernel(t *testing.T) {
 	base := mkTar(t,
 		ent{name: "a", data: "a"}, ent{name: "keep", data: "k"},
 		ent{name: "d/", typ: tar.TypeDir}, ent{name: "d/x", data: "x"}, ent{name: "d/y", data: "y"},
-		ent{name: "e/", typ: tar.TypeDir}, ent{name: "e/old", data: "o"})
+		ent{name: "e/", typ: tar.TypeDir}, ent{name: "e/old", data: "o"},
+		ent{name: "r/", typ: tar.TypeDir}, ent{name: "r/old", data: "o"})
 	top := mkTar(t,
 		ent{name: ".wh.a"},
 		ent{name: "d/", typ: tar.TypeDir}, ent{name: "d/.wh..wh..opq"}, ent{name: "d/z", data: "z"},
-		ent{name: "e/", typ: tar.TypeDir}, ent{name: "e/.wh.old"}, ent{name: "e/new", data: "n"})
+		ent{name: "e/", typ: tar.TypeDir}, ent{name: "e/.wh.old"}, ent{name: "e/new", data: "n"},
+		ent{name: ".wh.r"}, ent{name: "r/new", data: "n"})
 	for name, tb := range map[string][]byte{"base": base, "top": top} {
 		if _, err := layer.Import(ctx, bytes.NewReader(tb), filepath.Join(dir, name), layer.ImportOptions{NS: whiteout.Trusted}); err != nil {
 			t.Fatal(err)
@@ -54,7 +56,7 @@ func TestImportedLayersMountInKernel(t *testing.T) {
 		}
 	}
 	t.Cleanup(umount)
-	if got, want := tree(t, mnt), "d/ d/z e/ e/new keep"; got != want {
+	if got, want := tree(t, mnt), "d/ d/z e/ e/new keep r/ r/new"; got != want {
 		t.Errorf("merged tree: %q, want %q", got, want)
 	}
 	// Change the mount: the kernel writes its own whiteouts and opaque

@@ -58,11 +58,14 @@ const maxCachedDirs = 256
 // never uses a closed fd number that a later open could have reused.
 type dirCache struct {
 	root int
+	ns   whiteout.NS // of the opaque attribute, for replaced whiteouts
 	fds  map[string]int
 	dead []int
 }
 
-func newDirCache(root int) *dirCache { return &dirCache{root: root, fds: map[string]int{}} }
+func newDirCache(root int, ns whiteout.NS) *dirCache {
+	return &dirCache{root: root, ns: ns, fds: map[string]int{}}
+}
 
 // get returns an fd of the directory parts (the root for none). With
 // create, missing directories are made (mode 0755, as tar does for
@@ -81,14 +84,24 @@ func (c *dirCache) get(parts []string, create bool) (int, error) {
 	}
 	name := parts[len(parts)-1]
 	fd, err := openDir(parent, name)
-	if errors.Is(err, unix.ENOENT) && create {
-		if err := unix.Mkdirat(parent, name, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
-			return -1, fmt.Errorf("mkdir %q: %w", key, err)
+	if errors.Is(err, unix.ENOTDIR) && create && c.isWhiteout(parent, name) {
+		// ".wh.d" then "d/f" in one layer: the lower d is deleted and
+		// this layer's d replaces it, which the kernel format says with
+		// an opaque directory.
+		if err := unix.Unlinkat(parent, name, 0); err != nil {
+			return -1, fmt.Errorf("replace whiteout %q: %w", key, err)
 		}
-		fd, err = openDir(parent, name)
+		fd, err = c.mkdir(parent, name, key)
 		if err == nil {
-			// The umask must not decide the mode of an implied parent.
-			err = unix.Fchmod(fd, 0o755)
+			err = whiteout.SetOpaque(fd, "", c.ns)
+		}
+		if err != nil {
+			return -1, err
+		}
+	} else if errors.Is(err, unix.ENOENT) && create {
+		fd, err = c.mkdir(parent, name, key)
+		if err != nil && !errors.Is(err, unix.ENOTDIR) && !errors.Is(err, unix.ELOOP) {
+			return -1, err
 		}
 	}
 	switch {
@@ -106,6 +119,30 @@ func (c *dirCache) get(parts []string, create bool) (int, error) {
 	}
 	c.fds[key] = fd
 	return fd, nil
+}
+
+// mkdir makes the implied directory name in parent, mode 0755, and opens
+// it.
+func (c *dirCache) mkdir(parent int, name, key string) (int, error) {
+	if err := unix.Mkdirat(parent, name, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
+		return -1, fmt.Errorf("mkdir %q: %w", key, err)
+	}
+	fd, err := openDir(parent, name)
+	if err != nil {
+		return -1, err
+	}
+	// The umask must not decide the mode of an implied parent.
+	if err := unix.Fchmod(fd, 0o755); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("chmod %q: %w", key, err)
+	}
+	return fd, nil
+}
+
+// isWhiteout reports whether name in dirfd is a 0/0 character device.
+func (c *dirCache) isWhiteout(dirfd int, name string) bool {
+	var st unix.Stat_t
+	return unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW) == nil && whiteout.IsCharWhiteout(&st)
 }
 
 // invalidate forgets the directory key and everything below it, after it

@@ -309,6 +309,13 @@ func TestImportOCIRules(t *testing.T) {
 		ent{name: "./", typ: tar.TypeDir, mode: 0o711},
 		ent{name: "o/.wh..wh..opq"},
 		ent{name: "o/", typ: tar.TypeDir, mode: 0o700},
+		// Whiteout and directory of one name in one layer: the lower
+		// one is gone, this one replaces it: an opaque directory,
+		// whichever comes first, implied or explicit.
+		ent{name: ".wh.w1"}, ent{name: "w1/f", data: "5"},
+		ent{name: "w2/", typ: tar.TypeDir}, ent{name: ".wh.w2"},
+		ent{name: ".wh.w3"}, ent{name: "w3/", typ: tar.TypeDir},
+		ent{name: ".wh.w4"}, ent{name: "w4", data: "a file hides anyway"},
 	)
 	dst := filepath.Join(t.TempDir(), "l")
 	res, err := layer.Import(ctx, bytes.NewReader(tarball), dst, layer.ImportOptions{NS: whiteout.User})
@@ -319,12 +326,18 @@ func TestImportOCIRules(t *testing.T) {
 	for _, want := range []string{
 		"keep file 0644", "later file 0644", "implied dir 0755", "implied/deep dir 0755",
 		"dup symlink", "-> target", "d symlink", "-> elsewhere", ". dir 0711", `o dir 0700`, `user.overlay.opaque="y"`,
+		"w4 file 0644",
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("missing %q in\n%s", want, got)
 		}
 	}
-	if len(res.Skipped) != 2 {
-		t.Errorf("skipped %v, want the same-layer whiteout and the aufs entry", res.Skipped)
+	for _, d := range []string{"o", "w1", "w2", "w3"} {
+		if !strings.Contains(got, "\n"+d+" dir ") || !strings.Contains(strings.Split(got[strings.Index(got, "\n"+d+" dir "):], "\n")[1], `user.overlay.opaque="y"`) {
+			t.Errorf("%s is not an opaque dir:\n%s", d, got)
+		}
+	}
+	if len(res.Skipped) != 1 {
+		t.Errorf("skipped %v, want the aufs entry", res.Skipped)
 	}
 }

@@ -355,7 +355,6 @@ func Apply(t testing.TB, root string, tars ...[]byte) {
 			data []byte
 		}
 		var items []item
-		mine := map[string]bool{} // paths this layer adds, with parents
 		tr := tar.NewReader(bytes.NewReader(tb))
 		for {
 			h, err := tr.Next()
@@ -368,13 +367,9 @@ func Apply(t testing.TB, root string, tars ...[]byte) {
 			data, _ := io.ReadAll(tr)
 			h.Name = path.Clean(h.Name)
 			items = append(items, item{h, data})
-			if !strings.HasPrefix(path.Base(h.Name), ".wh.") {
-				for p := h.Name; p != "." && p != "/"; p = path.Dir(p) {
-					mine[p] = true
-				}
-			}
 		}
-		// Deletions apply to lower layers only: do them first.
+		// Whiteouts and opaque markers delete what lower layers put
+		// there, never what this layer adds: delete first, then add.
 		for _, it := range items {
 			dir, base := path.Split(it.hdr.Name)
 			dir = path.Clean(dir)
@@ -382,15 +377,10 @@ func Apply(t testing.TB, root string, tars ...[]byte) {
 			case base == ".wh..wh..opq":
 				ents, _ := os.ReadDir(filepath.Join(root, dir))
 				for _, e := range ents {
-					if !mine[path.Join(dir, e.Name())] {
-						os.RemoveAll(filepath.Join(root, dir, e.Name()))
-					}
+					os.RemoveAll(filepath.Join(root, dir, e.Name()))
 				}
 			case strings.HasPrefix(base, ".wh."):
-				victim := path.Join(dir, base[4:])
-				if !mine[victim] {
-					os.RemoveAll(filepath.Join(root, victim))
-				}
+				os.RemoveAll(filepath.Join(root, dir, base[4:]))
 			}
 		}
 		for _, it := range items {
