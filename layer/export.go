@@ -65,7 +65,7 @@ func Export(ctx context.Context, dir string, w io.Writer, opts ExportOptions) (*
 	res := &ExportResult{}
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return res, fmt.Errorf("export: open %s: %w", dir, err)
+		return res, fmt.Errorf("open %s: %w", dir, err)
 	}
 	defer unix.Close(fd)
 
@@ -73,7 +73,7 @@ func Export(ctx context.Context, dir string, w io.Writer, opts ExportOptions) (*
 	bw := bufio.NewWriterSize(raw, 256<<10)
 	cw, cclose, err := compressor(bw, opts.Compression)
 	if err != nil {
-		return res, fmt.Errorf("export: %w", err)
+		return res, err
 	}
 	plain := newHashWriter(cw)
 	e := &exporter{ctx: ctx, res: res, tw: tar.NewWriter(plain), ns: opts.NS,
@@ -85,16 +85,16 @@ func Export(ctx context.Context, dir string, w io.Writer, opts ExportOptions) (*
 		e.log = slog.New(slog.DiscardHandler)
 	}
 	if err := e.walk(fd, ""); err != nil {
-		return res, fmt.Errorf("export %s: %w", dir, err)
+		return res, err
 	}
 	if err := e.tw.Close(); err != nil {
-		return res, fmt.Errorf("export: %w", err)
+		return res, err
 	}
 	if err := cclose(); err != nil {
-		return res, fmt.Errorf("export: %w", err)
+		return res, err
 	}
 	if err := bw.Flush(); err != nil {
-		return res, fmt.Errorf("export: %w", err)
+		return res, err
 	}
 	res.DiffID, res.TarSize = plain.digest(), plain.n
 	res.Digest, res.Size = raw.digest(), raw.n

@@ -106,7 +106,7 @@ func Import(ctx context.Context, r io.Reader, target string, opts ImportOptions)
 	for _, d := range []string{opts.DiffID, opts.Digest} {
 		if d != "" {
 			if _, err := ParseDigest(d); err != nil {
-				return res, fmt.Errorf("import: expected %w", err)
+				return res, fmt.Errorf("expected %w", err)
 			}
 		}
 	}
@@ -120,27 +120,27 @@ func Import(ctx context.Context, r io.Reader, target string, opts ImportOptions)
 	}
 	parent, err := unix.Open(parentPath, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return res, fmt.Errorf("import: open %s: %w", parentPath, err)
+		return res, fmt.Errorf("open %s: %w", parentPath, err)
 	}
 	defer unix.Close(parent)
 	cleanStale(parent, importPrefix+base+"-")
 
 	tmpPath, err := os.MkdirTemp(parentPath, importPrefix+base+"-")
 	if err != nil {
-		return res, fmt.Errorf("import: %w", err)
+		return res, err
 	}
 	tmpName := filepath.Base(tmpPath)
 	root, err := openDir(parent, tmpName)
 	if err != nil {
 		_ = removeAllAt(parent, tmpName)
-		return res, fmt.Errorf("import: open %s: %w", tmpPath, err)
+		return res, fmt.Errorf("open %s: %w", tmpPath, err)
 	}
 	// The lock marks the directory as in use; cleanStale of another import
 	// removes it only when no process holds it.
 	if err := unix.Flock(root, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		unix.Close(root)
 		_ = removeAllAt(parent, tmpName)
-		return res, fmt.Errorf("import: lock %s: %w", tmpPath, err)
+		return res, fmt.Errorf("lock %s: %w", tmpPath, err)
 	}
 	done := false
 	defer func() {
@@ -163,28 +163,28 @@ func Import(ctx context.Context, r io.Reader, target string, opts ImportOptions)
 		if opts.Digest != "" && u.raw != nil && ctx.Err() == nil {
 			if _, derr := io.CopyBuffer(io.Discard, u.raw, u.buf); derr == nil {
 				if got := u.raw.digest(); got != opts.Digest {
-					return res, fmt.Errorf("import: %w (corrupt blob: %v)", &DigestError{What: "digest", Want: opts.Digest, Got: got}, err)
+					return res, fmt.Errorf("%w (corrupt blob: %v)", &DigestError{What: "digest", Want: opts.Digest, Got: got}, err)
 				}
 			}
 		}
-		return res, fmt.Errorf("import: %w", err)
+		return res, err
 	}
 	if len(res.Refused) > 0 && !opts.SkipRefused {
-		return res, fmt.Errorf("import: %w", &RefusedError{Refused: res.Refused})
+		return res, &RefusedError{Refused: res.Refused}
 	}
 	if opts.Digest != "" && res.Digest != opts.Digest {
-		return res, fmt.Errorf("import: %w", &DigestError{What: "digest", Want: opts.Digest, Got: res.Digest})
+		return res, &DigestError{What: "digest", Want: opts.Digest, Got: res.Digest}
 	}
 	if opts.DiffID != "" && res.DiffID != opts.DiffID {
-		return res, fmt.Errorf("import: %w", &DigestError{What: "diffID", Want: opts.DiffID, Got: res.DiffID})
+		return res, &DigestError{What: "diffID", Want: opts.DiffID, Got: res.DiffID}
 	}
 	if !opts.NoSync {
 		if err := unix.Syncfs(root); err != nil {
-			return res, fmt.Errorf("import: syncfs: %w", err)
+			return res, fmt.Errorf("syncfs: %w", err)
 		}
 	}
 	if err := commit(parent, tmpName, base); err != nil {
-		return res, fmt.Errorf("import: %s: %w", target, err)
+		return res, fmt.Errorf("%s: %w", target, err)
 	}
 	done = true
 	return res, nil
@@ -197,17 +197,17 @@ func checkTarget(target string) error {
 	case errors.Is(err, os.ErrNotExist):
 		return nil
 	case err != nil:
-		return fmt.Errorf("import: %w", err)
+		return err
 	case !st.IsDir():
-		return fmt.Errorf("import: target %s exists and is not a directory", target)
+		return fmt.Errorf("target %s exists and is not a directory", target)
 	}
 	f, err := os.Open(target)
 	if err != nil {
-		return fmt.Errorf("import: %w", err)
+		return err
 	}
 	defer f.Close()
 	if names, _ := f.Readdirnames(1); len(names) > 0 {
-		return fmt.Errorf("import: target %s is not empty", target)
+		return fmt.Errorf("target %s is not empty", target)
 	}
 	return nil
 }
