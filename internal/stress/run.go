@@ -142,6 +142,9 @@ type Report struct {
 	Elapsed  time.Duration
 	Counts   map[string]int64
 	Expected map[string]int64 // expected errors seen ("rmdir ENOTEMPTY")
+	// EINTR counts calls that strata answered with EINTR and the workers
+	// retried (a known strata bug: unionfs.TestBugSpuriousEINTR).
+	EINTR int64
 	// Checks lists each verification done and its outcome.
 	Checks []string
 	// Mismatches lists every difference from the model; empty on success.
@@ -177,6 +180,9 @@ func (r *Report) String() string {
 	sort.Strings(names)
 	for _, k := range names {
 		fmt.Fprintf(&b, "  expected error %-24s %6d\n", k, r.Expected[k])
+	}
+	if r.EINTR > 0 {
+		fmt.Fprintf(&b, "  EINTR answers retried (known strata bug): %d\n", r.EINTR)
 	}
 	for _, c := range r.Checks {
 		fmt.Fprintf(&b, "  check: %s\n", c)
@@ -329,6 +335,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		for k, v := range w.errs {
 			rep.Expected[k] += v
 		}
+		rep.EINTR += w.eintr
 	}
 	logf("load: %d ops in %v", rep.Ops, rep.Elapsed)
 

@@ -81,9 +81,36 @@ type worker struct {
 	budget  int64            // stop after this many ops (0: no limit)
 	inOp    atomic.Value     // string describing the op in flight
 	hist    []string         // the last ops done, for mismatch reports
+	eintr   int64            // EINTR answers retried
 	// sharedMu, when not nil, serialises opens of shared/log among the
 	// workers (see Config.SerializeSharedOpens).
 	sharedMu *sync.Mutex
+}
+
+// retry runs f again while it fails with EINTR, as the kernel would
+// restart a call interrupted by an SA_RESTART signal. strata answers
+// EINTR when the caller's thread gets a signal during a request (a known
+// bug, unionfs.TestBugSpuriousEINTR); Go's runtime signals threads all
+// the time. The retries are counted and reported.
+func (w *worker) retry(f func() error) error {
+	for i := 0; ; i++ {
+		err := f()
+		if !errors.Is(err, unix.EINTR) || i == 10 {
+			return err
+		}
+		w.eintr++
+	}
+}
+
+// open is unix.Open with retry.
+func (w *worker) open(p string, flags int, mode uint32) (int, error) {
+	var fd int
+	err := w.retry(func() error {
+		var err error
+		fd, err = unix.Open(p, flags, mode)
+		return err
+	})
+	return fd, err
 }
 
 // note records op description d as in flight and in the history.
@@ -229,7 +256,7 @@ func (w *worker) step() error {
 			want = unix.EEXIST
 		}
 		data := w.data()
-		fd, err := unix.Open(w.full(p), unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_CLOEXEC, 0o644)
+		fd, err := w.open(w.full(p), unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_CLOEXEC, 0o644)
 		if e := w.expect(op, p, err, want); e != nil || want != 0 {
 			if err == nil {
 				unix.Close(fd)
@@ -256,7 +283,7 @@ func (w *worker) step() error {
 			flags |= unix.O_APPEND
 			off = int64(len(o.Data))
 		}
-		fd, err := unix.Open(w.full(p), flags, 0)
+		fd, err := w.open(w.full(p), flags, 0)
 		if e := w.expect(op, p, err, 0); e != nil {
 			return e
 		}
@@ -285,7 +312,7 @@ func (w *worker) step() error {
 		w.note("truncate " + p)
 		o := w.t.Get(p)
 		size := w.rng.IntN(2*len(o.Data) + 100)
-		if e := w.expect(op, p, unix.Truncate(w.full(p), int64(size)), 0); e != nil {
+		if e := w.expect(op, p, w.retry(func() error { return unix.Truncate(w.full(p), int64(size)) }), 0); e != nil {
 			return e
 		}
 		if size <= len(o.Data) {
@@ -308,7 +335,7 @@ func (w *worker) step() error {
 		case do != nil && do.Kind == Dir:
 			want = unix.EISDIR
 		}
-		if e := w.expect(op, src+" -> "+dst, unix.Rename(w.full(src), w.full(dst)), want); e != nil || want != 0 {
+		if e := w.expect(op, src+" -> "+dst, w.retry(func() error { return unix.Rename(w.full(src), w.full(dst)) }), want); e != nil || want != 0 {
 			return e
 		}
 		if src == dst || so == do {
@@ -331,7 +358,7 @@ func (w *worker) step() error {
 			// Kernel overlay without redirect_dir (fs/overlayfs/dir.c:ovl_rename).
 			want = unix.EXDEV
 		}
-		if e := w.expect(op, src+" -> "+dst, unix.Rename(w.full(src), w.full(dst)), want); e != nil || want != 0 {
+		if e := w.expect(op, src+" -> "+dst, w.retry(func() error { return unix.Rename(w.full(src), w.full(dst)) }), want); e != nil || want != 0 {
 			return e
 		}
 		w.t.Move(src, dst)
@@ -356,7 +383,7 @@ func (w *worker) step() error {
 			return nil
 		}
 		w.note("unlink " + p)
-		if e := w.expect(op, p, unix.Unlink(w.full(p)), 0); e != nil {
+		if e := w.expect(op, p, w.retry(func() error { return unix.Unlink(w.full(p)) }), 0); e != nil {
 			return e
 		}
 		delete(w.t.M, p)
@@ -367,7 +394,7 @@ func (w *worker) step() error {
 		if w.t.Get(p) != nil {
 			want = unix.EEXIST
 		}
-		if e := w.expect(op, p, unix.Mkdir(w.full(p), 0o755), want); e != nil || want != 0 {
+		if e := w.expect(op, p, w.retry(func() error { return unix.Mkdir(w.full(p), 0o755) }), want); e != nil || want != 0 {
 			return e
 		}
 		w.t.Put(p, &Obj{Kind: Dir, Mode: 0o755, PureUpper: true})
@@ -381,7 +408,7 @@ func (w *worker) step() error {
 		if len(w.t.Children(p)) > 0 {
 			want = unix.ENOTEMPTY
 		}
-		if e := w.expect(op, p, unix.Rmdir(w.full(p)), want); e != nil || want != 0 {
+		if e := w.expect(op, p, w.retry(func() error { return unix.Rmdir(w.full(p)) }), want); e != nil || want != 0 {
 			return e
 		}
 		w.t.RemoveAll(p)
@@ -396,7 +423,7 @@ func (w *worker) step() error {
 		o := w.t.Get(p)
 		if op == OpSetxattr {
 			v := string(randData(w.rng, w.rng.IntN(64)))
-			if e := w.expect(op, p, unix.Lsetxattr(w.full(p), k, []byte(v), 0), 0); e != nil {
+			if e := w.expect(op, p, w.retry(func() error { return unix.Lsetxattr(w.full(p), k, []byte(v), 0) }), 0); e != nil {
 				return e
 			}
 			o.Xattrs[k] = v
@@ -406,7 +433,7 @@ func (w *worker) step() error {
 		if _, ok := o.Xattrs[k]; !ok {
 			want = unix.ENODATA
 		}
-		if e := w.expect(op, p, unix.Lremovexattr(w.full(p), k), want); e != nil || want != 0 {
+		if e := w.expect(op, p, w.retry(func() error { return unix.Lremovexattr(w.full(p), k) }), want); e != nil || want != 0 {
 			return e
 		}
 		delete(o.Xattrs, k)
@@ -418,7 +445,7 @@ func (w *worker) step() error {
 		modes := []uint32{0o600, 0o644, 0o755, 0o640, 0o400}
 		m := modes[w.rng.IntN(len(modes))]
 		w.note("chmod " + p)
-		if e := w.expect(op, p, unix.Chmod(w.full(p), m), 0); e != nil {
+		if e := w.expect(op, p, w.retry(func() error { return unix.Chmod(w.full(p), m) }), 0); e != nil {
 			return e
 		}
 		w.t.Get(p).Mode = m
@@ -430,7 +457,7 @@ func (w *worker) step() error {
 		if w.t.Get(p) != nil {
 			want = unix.EEXIST
 		}
-		if e := w.expect(op, p, unix.Symlink(tgt, w.full(p)), want); e != nil || want != 0 {
+		if e := w.expect(op, p, w.retry(func() error { return unix.Symlink(tgt, w.full(p)) }), want); e != nil || want != 0 {
 			return e
 		}
 		w.t.Put(p, &Obj{Kind: Symlink, Target: tgt})
@@ -463,7 +490,7 @@ func (w *worker) step() error {
 			w.sharedMu.Lock()
 			defer w.sharedMu.Unlock()
 		}
-		fd, err := unix.Open(w.full(LogPath), unix.O_WRONLY|unix.O_APPEND|unix.O_CLOEXEC, 0)
+		fd, err := w.open(w.full(LogPath), unix.O_WRONLY|unix.O_APPEND|unix.O_CLOEXEC, 0)
 		if e := w.expect(op, LogPath, err, 0); e != nil {
 			return e
 		}
@@ -509,7 +536,7 @@ func (w *worker) step() error {
 		v := fmt.Sprintf("v%d", w.seq)
 		k := "user." + WorkerRoot(w.id)
 		w.note("shared-xattr")
-		if e := w.expect(op, XattrPath, unix.Lsetxattr(w.full(XattrPath), k, []byte(v), 0), 0); e != nil {
+		if e := w.expect(op, XattrPath, w.retry(func() error { return unix.Lsetxattr(w.full(XattrPath), k, []byte(v), 0) }), 0); e != nil {
 			return e
 		}
 		w.xattr = v
