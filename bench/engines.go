@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -258,6 +259,36 @@ func (e *strataEngine) unmount(ctx context.Context, h *harness, in *instance) er
 }
 
 func (*strataEngine) cleanup(_ *harness, in *instance, _ *workload) error { return removeInstance(in) }
+
+// status returns what "strata status" (run as the mounting user, who alone
+// knows a FUSE mount's layers) says about in: its engine and xattr format,
+// which strata picks by itself for a rootless mount. strata may write the
+// state that status reads just after "strata mount" returns, so it asks
+// again for up to a second.
+func (e *strataEngine) status(ctx context.Context, h *harness, in *instance) string {
+	argv := e.rootless.wrap([]string{h.strataBin, "status", "--json"})
+	for try := 0; try < 10; try++ {
+		if try > 0 {
+			time.Sleep(100 * time.Millisecond)
+		}
+		out, err := outputCmd(ctx, "/", h.workerEnv, argv[0], argv[1:]...)
+		if err != nil {
+			return ""
+		}
+		var mounts []struct {
+			Mountpoint, Engine, Format string
+		}
+		if json.Unmarshal(out, &mounts) != nil {
+			return ""
+		}
+		for _, m := range mounts {
+			if m.Mountpoint == in.mnt && m.Format != "" {
+				return fmt.Sprintf("strata status: engine %s, xattr format %s", m.Engine, m.Format)
+			}
+		}
+	}
+	return ""
+}
 
 // fuseOverlayEngine is fuse-overlayfs, run by root with its defaults.
 type fuseOverlayEngine struct{}

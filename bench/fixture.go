@@ -151,22 +151,11 @@ func ensureFixture(ctx context.Context, workDir string, p profile, owner cred, l
 	m, err := loadManifest(dir)
 	if err == nil && m.Version == fixtureVersion && m.Profile == p {
 		f.m = m
-		if err := f.verify(); err == nil {
-			if m.UID != owner.uid || m.GID != owner.gid {
-				fmt.Fprintf(logw, "fixture: re-owning %s for %d:%d\n", dir, owner.uid, owner.gid)
-				if err := chownTree(dir, owner); err != nil {
-					return nil, err
-				}
-				f.m.UID, f.m.GID = owner.uid, owner.gid
-				if err := writeJSON(filepath.Join(dir, "manifest.json"), f.m); err != nil {
-					return nil, err
-				}
-			}
-			fmt.Fprintf(logw, "fixture: reusing %s\n", dir)
-			return f, nil
-		} else {
-			fmt.Fprintf(logw, "fixture: %s is damaged (%v), rebuilding\n", dir, err)
+		verr := f.verify()
+		if verr == nil {
+			return f, f.reown(owner, logw)
 		}
+		fmt.Fprintf(logw, "fixture: %s is damaged (%v), rebuilding\n", dir, verr)
 	} else if err == nil {
 		fmt.Fprintf(logw, "fixture: %s is from another version or profile, rebuilding\n", dir)
 	} else if !errors.Is(err, fs.ErrNotExist) {
@@ -194,6 +183,22 @@ func ensureFixture(ctx context.Context, workDir string, p profile, owner cred, l
 	f.m = m
 	fmt.Fprintf(logw, "fixture: built in %s\n", time.Since(start).Round(time.Second))
 	return f, nil
+}
+
+// reown gives a reused fixture to owner if it was built for another user.
+func (f *fixture) reown(owner cred, logw io.Writer) error {
+	if f.m.UID != owner.uid || f.m.GID != owner.gid {
+		fmt.Fprintf(logw, "fixture: re-owning %s for %d:%d\n", f.dir, owner.uid, owner.gid)
+		if err := chownTree(f.dir, owner); err != nil {
+			return err
+		}
+		f.m.UID, f.m.GID = owner.uid, owner.gid
+		if err := writeJSON(filepath.Join(f.dir, "manifest.json"), f.m); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(logw, "fixture: reusing %s\n", f.dir)
+	return nil
 }
 
 // verify checks cheaply that the fixture's big pieces are all there.
@@ -636,21 +641,6 @@ func ensurePlain(ctx context.Context, f *fixture, scratch string, logw io.Writer
 	}
 	info.Version, info.Big = fixtureVersion, f.m.Profile.BigBytes
 	return writeJSON(filepath.Join(f.dir, plainMarker), info)
-}
-
-// countTree returns the number of entries under root (root excluded).
-func countTree(root string) (int, error) {
-	n := 0
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if p != root {
-			n++
-		}
-		return nil
-	})
-	return n, err
 }
 
 // runCmd runs name with args in dir; its output is returned in the error.

@@ -397,6 +397,11 @@ func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string
 	ph.mark("mount")
 	if _, ok := h.mountOpts[e.name()]; !ok && in.dir != "" {
 		o := strings.ReplaceAll(mountOptionsOf(in.mnt), in.dir, "$RUN")
+		if se, ok := e.(*strataEngine); ok {
+			if st := se.status(ctx, h, in); st != "" {
+				o += " (" + st + ")"
+			}
+		}
 		h.mountOpts[e.name()] = strings.ReplaceAll(o, h.fix.dir, "$FIX")
 	}
 	busy := h.otherLoad(ctx)
