@@ -196,6 +196,7 @@ func serveForeground(ctx context.Context, e *env, f *mountFlags, o unionfs.Optio
 		log = newLogger(lf, e.logLevel)
 	}
 	o.Logger = log
+	o.NoSelfAccess = true
 	srv, err := unionfs.Mount(mnt, o)
 	ready(f.readyFd, err)
 	if err != nil {

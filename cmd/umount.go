@@ -20,18 +20,19 @@ func init() {
 		help: "Unmounts a strata mount (FUSE, also when its server died) or a kernel overlay mount.\nWithout root, FUSE mounts are unmounted through fusermount3.",
 		setup: func(f *pflag.FlagSet) func(context.Context, *env, []string) error {
 			lazy := f.BoolP("lazy", "l", false, "detach now, finish when no longer busy")
+			abort := f.Bool("abort", false, "abort the FUSE connection first (for a server that hangs); pending requests fail")
 			return func(ctx context.Context, e *env, args []string) error {
 				if len(args) != 1 {
 					return usagef("want exactly one MOUNTPOINT")
 				}
-				return unmount(args[0], *lazy)
+				return unmount(args[0], *lazy, *abort)
 			}
 		},
 	})
 }
 
 // unmount unmounts mnt, which must be a strata or overlay mount.
-func unmount(mnt string, lazy bool) error {
+func unmount(mnt string, lazy, abort bool) error {
 	abs, err := absPath(mnt)
 	if err != nil {
 		return err
@@ -48,6 +49,15 @@ func unmount(mnt string, lazy bool) error {
 	}
 	if found == nil {
 		return fmt.Errorf("%s: not a strata or overlay mount", mnt)
+	}
+	if found.Engine == unionfs.EngineFUSE && (abort || unionfs.ServerGone(*found)) {
+		// A dead server's mount answers ENOTCONN; one whose server is
+		// stuck would keep its callers waiting forever. Aborting the
+		// connection fails every pending request, so that nothing stays
+		// blocked and the unmount can finish.
+		if err := unionfs.AbortFUSE(*found); err != nil && abort {
+			return fmt.Errorf("%s: %w", mnt, err)
+		}
 	}
 	if os.Geteuid() == 0 {
 		flags := 0

@@ -31,11 +31,40 @@ func PrepareWork(workdir int) (int, error) {
 	if err != nil {
 		return -1, fmt.Errorf("open work dir: %w", err)
 	}
-	if err := ClearDir(fd); err != nil {
+	var st unix.Stat_t
+	if err := unix.Fstatat(fd, "incompat/volatile", &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
+		unix.Close(fd)
+		return -1, ErrVolatileDirty
+	}
+	if err := clearWork(fd); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("clear work dir: %w", err)
 	}
 	return fd, nil
+}
+
+// ErrVolatileDirty: the work dir holds the kernel's volatile marker
+// (work/incompat/volatile): a volatile mount of this upper dir ended
+// without a sync, so the upper dir may have lost writes. The kernel refuses
+// to mount it until the marker is removed by hand; so does strata.
+var ErrVolatileDirty = errors.New("work/incompat/volatile exists: a volatile mount of this upper dir may have lost writes; check the upper dir, then remove the marker to mount it")
+
+// clearWork removes the work dir's temporary entries; "incompat" holds the
+// kernel's markers and stays.
+func clearWork(fd int) error {
+	names, err := ReadNames(fd)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if name == "incompat" {
+			continue
+		}
+		if err := RemoveAllAt(fd, name); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ClearDir removes everything inside the directory open as fd, recursively,

@@ -55,7 +55,10 @@ func (s *Stack) copyUp(ctx context.Context, n *node) error {
 	if err := unix.Fstatat(src.fd, loc.name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return err
 	}
-	if err := s.copier.Object(ctx, src.fd, loc.name, &st, dst.fd, loc.name); err != nil {
+	// Not cancelled by an interrupt: a signal to the caller (the Go
+	// runtime sends SIGURG all the time) must not fail the operation; the
+	// kernel's copy-up is not interruptible either.
+	if err := s.copier.Object(context.WithoutCancel(ctx), src.fd, loc.name, &st, dst.fd, loc.name); err != nil {
 		return err
 	}
 	var ust unix.Stat_t
@@ -65,21 +68,53 @@ func (s *Stack) copyUp(ctx context.Context, n *node) error {
 	isDir := st.Mode&unix.S_IFMT == unix.S_IFDIR
 	if isDir || st.Nlink <= 1 {
 		s.rememberCopy(ust.Ino, n.ino)
-	} else {
-		// Copying one name of a lower hard link up breaks the link, so the
-		// copy is a different file and must not keep the shared st_ino
-		// (fs/overlayfs/inode.c:ovl_getattr uses the upper inode number
-		// for such files). Make the kernel look the name up again, which
-		// gives it a node with the new identity. Asynchronously: the
-		// operation that triggered the copy-up may hold the parent's lock.
-		parent := loc.parent
-		go parent.NotifyEntry(loc.name)
+	}
+	// Else: copying one name of a lower hard link up breaks the link, so
+	// the copy is a different file and must not keep the shared st_ino
+	// (fs/overlayfs/inode.c:ovl_getattr uses the upper inode number for
+	// such files). go-fuse pins a node's st_ino, so the name needs a new
+	// node: the caller makes the kernel drop its entry (copyUpObject), and
+	// the next lookup gives the name a node with the new identity.
+	if !isDir && st.Nlink > 1 {
+		n.expire = true
 	}
 	if isDir {
 		n.dirs = append([]dirLayer{{layer: 0}}, n.dirs...)
+		// A directory that gains an upper copy becomes merged, and merged
+		// directories show st_nlink 1: drop the kernel's cached
+		// attributes. (FUSE_NOTIFY_INVAL_INODE takes no inode lock, so it
+		// is safe inside a request.)
+		defer n.NotifyContent(0, 0)
 	} else {
 		n.layer = 0
 	}
 	s.log.Debug("copied up", "path", n.debugPath())
+	return nil
+}
+
+// copyUpObject copies n up for a change to n itself, then, if the copy-up
+// broke a lower hard link, makes the kernel forget n's name so that it is
+// looked up again and gets a node with its new identity. parentLocked says
+// whether the kernel holds the parent directory's lock for the running
+// operation (link, rename), which the invalidation needs: then the copy-up
+// is done and ESTALE returned instead, which makes the kernel retry the
+// whole system call once with every dentry revalidated (fs/namei.c:
+// retry_estale), so the retry finds the new node.
+func (s *Stack) copyUpObject(ctx context.Context, n *node, parentLocked bool) error {
+	if err := s.copyUp(ctx, n); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	expire := n.expire
+	n.expire = false
+	n.mu.Unlock()
+	if !expire {
+		return nil
+	}
+	if parentLocked {
+		return unix.ESTALE
+	}
+	loc := n.location()
+	loc.parent.NotifyEntry(loc.name)
 	return nil
 }

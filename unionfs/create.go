@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -29,8 +30,10 @@ type newSpec struct {
 // layer, as fs/overlayfs/dir.c:ovl_create_or_link does: the parent chain is
 // copied up first; over an upper whiteout the object is built in the work
 // dir and exchanged with the whiteout (ovl_create_over_whiteout), so the
-// name is never missing; a new directory is opaque when it replaces a
-// whiteout or its parent is merged (ovl_create_upper sets it opaque then).
+// name is never missing; a new directory is opaque when it replaces an upper
+// whiteout (ovl_set_opaque there). Linux 6.18 does not mark other new
+// directories, not even in a merged parent: nothing below can hold their
+// name, or the name would not be free.
 // It returns the fd made by spec.make (or -1) and the new object's entry.
 func (s *Stack) newObject(ctx context.Context, p *node, name string, spec newSpec) (int, entry, error) {
 	e := entry{layer: 0, whiteoutLayer: -1}
@@ -46,7 +49,6 @@ func (s *Stack) newObject(ctx context.Context, p *node, name string, spec newSpe
 	if err := s.copyUp(ctx, p); err != nil {
 		return -1, e, err
 	}
-	_, pdirs, _ := p.state()
 	up, err := s.dirfd(p, 0)
 	if err != nil {
 		return -1, e, err
@@ -68,7 +70,7 @@ func (s *Stack) newObject(ctx context.Context, p *node, name string, spec newSpe
 	if err := unix.Fstat(up.fd, &pst); err != nil {
 		return -1, e, err
 	}
-	opaque := spec.isDir && (replace || merged(pdirs))
+	opaque := spec.isDir && replace
 
 	dir, at := up.fd, name
 	if replace {
@@ -153,7 +155,11 @@ func (s *Stack) setOwner(ctx context.Context, dirfd int, name string, spec newSp
 	if uid == 0 && gid == 0 {
 		return nil // created by root with root's ids already
 	}
-	if err := unix.Fchownat(dirfd, name, int(uid), int(gid), unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	flags := unix.AT_SYMLINK_NOFOLLOW
+	if name == "" {
+		flags |= unix.AT_EMPTY_PATH
+	}
+	if err := unix.Fchownat(dirfd, name, int(uid), int(gid), flags); err != nil {
 		return fmt.Errorf("chown new object: %w", err)
 	}
 	if !spec.isDir && spec.mode&(unix.S_ISUID|unix.S_ISGID) != 0 {
@@ -252,7 +258,10 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 	if !s.writable {
 		return nil, syscall.EROFS
 	}
-	if err := s.copyUp(ctx, tn); err != nil {
+	if fd := tn.tmpFd(); fd >= 0 {
+		return s.linkTmpfile(ctx, n, tn, fd, name, out)
+	}
+	if err := s.copyUpObject(ctx, tn, true); err != nil {
 		return nil, s.toErrno(ctx, "link", n, err)
 	}
 	tloc := tn.location()
@@ -267,6 +276,74 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 	if err != nil {
 		return nil, s.toErrno(ctx, "link", n, err)
 	}
+	s.fillAttr(tn, nil, &e.st, &out.Attr)
+	return &tn.Inode, 0
+}
+
+var _ = (fs.NodeTmpfiler)((*node)(nil))
+
+// Tmpfile creates an unnamed regular file in the directory's upper copy
+// (open(2) with O_TMPFILE). Until it is linked into place it is, like an
+// unlinked file, reachable only through its open handle.
+func (n *node) Tmpfile(ctx context.Context, flags uint32, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	s := n.s
+	if !s.writable {
+		return nil, nil, 0, syscall.EROFS
+	}
+	if n.isRemoved() {
+		return nil, nil, 0, syscall.ENOENT
+	}
+	if err := s.copyUp(ctx, n); err != nil {
+		return nil, nil, 0, s.toErrno(ctx, "tmpfile", n, err)
+	}
+	up, err := s.dirfd(n, 0)
+	if err != nil {
+		return nil, nil, 0, s.toErrno(ctx, "tmpfile", n, err)
+	}
+	defer s.release(up)
+	oflags := openFlags(flags) &^ unix.O_NOFOLLOW
+	fd, err := unix.Openat(up.fd, ".", oflags|unix.O_TMPFILE, mode&0o7777)
+	if err != nil {
+		return nil, nil, 0, s.toErrno(ctx, "tmpfile", n, err)
+	}
+	var pst unix.Stat_t
+	e := entry{layer: 0, whiteoutLayer: -1}
+	err = unix.Fstat(up.fd, &pst)
+	if err == nil {
+		err = s.setOwner(ctx, fd, "", newSpec{mode: mode}, &pst)
+	}
+	if err == nil {
+		err = unix.Fstat(fd, &e.st)
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, nil, 0, s.toErrno(ctx, "tmpfile", n, err)
+	}
+	cn := s.newNode(n, "", &e)
+	cn.removed = true
+	cn.tmpfd = fd
+	ch := n.NewInode(ctx, cn, s.stableAttr(cn, &e.st, n.ino, ""))
+	s.fillAttr(cn, nil, &e.st, &out.Attr)
+	h := &fileHandle{n: cn, fd: fd, layer: 0, flags: oflags}
+	fh, fuseFlags := s.wrapHandle(h)
+	return ch, fh, fuseFlags, 0
+}
+
+// linkTmpfile gives an O_TMPFILE file its first name, through its open fd
+// (linkat of /proc/self/fd/N, as the caller did on the mount).
+func (s *Stack) linkTmpfile(ctx context.Context, p, tn *node, fd int, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	proc := "/proc/self/fd/" + strconv.Itoa(fd)
+	_, e, err := s.newObject(ctx, p, name, newSpec{make: func(dirfd int, nm string) (int, error) {
+		return -1, unix.Linkat(unix.AT_FDCWD, proc, dirfd, nm, unix.AT_SYMLINK_FOLLOW)
+	}})
+	if err != nil {
+		return nil, s.toErrno(ctx, "link", p, err)
+	}
+	tn.mu.Lock()
+	tn.loc.Store(&location{parent: p, name: name})
+	tn.removed = false
+	tn.tmpfd = -1
+	tn.mu.Unlock()
 	s.fillAttr(tn, nil, &e.st, &out.Attr)
 	return &tn.Inode, 0
 }

@@ -18,6 +18,9 @@ type fileHandle struct {
 	fd    int // protected by mu (replaced when a lower handle follows a copy-up)
 	layer int // protected by mu
 	flags int // open flags, as given to openat
+	// counted: the handle is in its node's cachedOpen. Set once, before
+	// the handle is returned.
+	counted bool
 }
 
 // openFlags are the flags strata opens a layer file with for an open(2)
@@ -45,7 +48,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		if !s.writable {
 			return nil, 0, syscall.EROFS
 		}
-		if err := s.copyUp(ctx, n); err != nil {
+		if err := s.copyUpObject(ctx, n, false); err != nil {
 			return nil, 0, s.toErrno(ctx, "open", n, err)
 		}
 	}
@@ -65,27 +68,40 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 
 // wrapHandle decides how the kernel does I/O on a new handle. With FUSE
 // passthrough (Linux >= 6.9, CAP_SYS_ADMIN) reads and writes go straight
-// to the layer file. The kernel allows one backing file per inode, shared
-// by all its opens, and go-fuse registers the first open's fd; so while a
-// lower file is the backing of open handles, a node that has been copied
-// up since must not get passthrough handles (they would read and write
-// the stale lower file): those opens use FUSE I/O without the page cache
-// (FOPEN_DIRECT_IO, which the kernel allows beside passthrough opens).
+// to the layer file. The kernel keeps one backing file per inode, shared by
+// all its opens, and refuses an open without passthrough while the inode
+// has one (and a passthrough open while it has cached opens;
+// fs/fuse/iomode.c:fuse_file_io_open). So the mode is chosen per inode,
+// when it has no open handle, and kept while any is open:
+//
+//   - passthrough when the object is in the upper layer, or the mount is
+//     read-only: its backing file can never go stale;
+//   - otherwise (a lower file that a write may copy up while it is open)
+//     I/O through strata with the page cache, so that after a copy-up every
+//     open, old and new, reads and writes the upper copy.
 func (s *Stack) wrapHandle(h *fileHandle) (fs.FileHandle, uint32) {
-	if !s.passthrough.Load() {
-		return h, fuse.FOPEN_KEEP_CACHE
-	}
+	pt := s.passthroughOK()
 	n := h.n
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.ptOpen > 0 && n.ptLayer != 0 && n.inUpperLocked() {
-		return h, fuse.FOPEN_DIRECT_IO
+	switch {
+	case !pt:
+	case n.ptOpen > 0:
+	case n.cachedOpen > 0:
+		pt = false
+	default:
+		pt = n.inUpperLocked() || !s.writable
 	}
-	n.ptOpen++
-	return &ptHandle{h}, fuse.FOPEN_KEEP_CACHE
+	if pt {
+		n.ptOpen++
+		return &ptHandle{h}, fuse.FOPEN_KEEP_CACHE
+	}
+	n.cachedOpen++
+	h.counted = true
+	return h, fuse.FOPEN_KEEP_CACHE
 }
 
-// ptHandle is a handle the kernel may serve by passthrough.
+// ptHandle is a handle the kernel serves by passthrough.
 type ptHandle struct{ *fileHandle }
 
 var _ = (fs.FilePassthroughFder)((*ptHandle)(nil))
@@ -95,10 +111,6 @@ var _ = (fs.FilePassthroughFder)((*ptHandle)(nil))
 func (h *ptHandle) PassthroughFd() (int, bool) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	n := h.n
-	n.mu.Lock()
-	n.ptLayer = h.layer
-	n.mu.Unlock()
 	return h.fd, true
 }
 
@@ -107,9 +119,6 @@ func (h *ptHandle) Release(ctx context.Context) syscall.Errno {
 	n := h.n
 	n.mu.Lock()
 	n.ptOpen--
-	if n.ptOpen == 0 {
-		n.ptLayer = -1
-	}
 	n.mu.Unlock()
 	return h.fileHandle.Release(ctx)
 }
@@ -253,6 +262,14 @@ var _ = (fs.FileReleaser)((*fileHandle)(nil))
 
 // Release closes the layer fd.
 func (h *fileHandle) Release(ctx context.Context) syscall.Errno {
+	h.n.mu.Lock()
+	if h.counted {
+		h.n.cachedOpen--
+	}
+	if h.n.tmpfd == h.fd {
+		h.n.tmpfd = -1 // an O_TMPFILE file closed before it got a name
+	}
+	h.n.mu.Unlock()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.fd >= 0 {

@@ -22,6 +22,29 @@ var mountAttrs = map[string]struct {
 	"relatime":    {unix.MOUNT_ATTR_RELATIME, unix.MS_RELATIME},
 	"strictatime": {unix.MOUNT_ATTR_STRICTATIME, unix.MS_STRICTATIME},
 	"nodiratime":  {unix.MOUNT_ATTR_NODIRATIME, unix.MS_NODIRATIME},
+	"sync":        {0, unix.MS_SYNCHRONOUS},
+	"dirsync":     {0, unix.MS_DIRSYNC},
+	"lazytime":    {0, unix.MS_LAZYTIME},
+}
+
+// mountFlagBits returns the mount(2) flags for o's generic flags and
+// read-only state, starting from relatime (the kernel's default; go-fuse
+// wants a non-zero value to replace its own nosuid,nodev default, which
+// kernel overlay does not have).
+func (o *Options) mountFlagBits(readOnly bool) uintptr {
+	flags := uintptr(unix.MS_RELATIME)
+	for _, f := range o.MountFlags {
+		if a, ok := mountAttrs[f]; ok {
+			if f == "noatime" || f == "strictatime" {
+				flags &^= unix.MS_RELATIME
+			}
+			flags |= a.flags
+		}
+	}
+	if readOnly {
+		flags |= unix.MS_RDONLY
+	}
+	return flags
 }
 
 // KernelError is a kernel overlay mount that failed; Log holds what the
@@ -64,17 +87,13 @@ func MountKernel(mountpoint string, o Options) error {
 		return err
 	}
 	var attrs uint64
-	var flags uintptr
 	for _, f := range o.MountFlags {
-		if a, ok := mountAttrs[f]; ok {
-			attrs |= a.attr
-			flags |= a.flags
-		}
+		attrs |= mountAttrs[f].attr
 	}
 	if o.ReadOnly {
 		attrs |= unix.MOUNT_ATTR_RDONLY
-		flags |= unix.MS_RDONLY
 	}
+	flags := o.mountFlagBits(o.ReadOnly)
 	err = mountKernelNew(mnt, &o, attrs)
 	if errors.Is(err, unix.ENOSYS) || errors.Is(err, errOldKernel) {
 		data, derr := o.KernelData()

@@ -3,6 +3,7 @@ package unionfs
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"syscall"
@@ -31,7 +32,7 @@ type Server struct {
 // never opaque for the kernel (a "y" on them is ignored); an "x" still
 // tells readdir to filter xattr whiteouts.
 func newRoot(s *Stack) (*node, error) {
-	root := &node{s: s, layer: 0}
+	root := &node{s: s, layer: 0, tmpfd: -1}
 	root.loc.Store(&location{})
 	for _, l := range s.layers {
 		op, err := whiteout.GetOpacity(l.fd, "", s.ns)
@@ -87,20 +88,38 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		return nil, err
 	}
 	fsopts := fuseOptions(&o, root)
-	srv, err := fs.Mount(mnt, root, fsopts)
+	srv, err := serve(mnt, root, fsopts, !o.NoSelfAccess)
 	if err != nil {
 		s.Close()
 		unlockUpper(lockFd)
 		return nil, fmt.Errorf("mount %s: %w", mnt, err)
 	}
-	s.passthrough.Store(probePassthrough(srv, s.log))
-	s.log.Info("mounted", "mountpoint", mnt, "options", o.String(), "passthrough", s.passthrough.Load())
+	// Passthrough is probed at the first open, when INIT has surely been
+	// answered (the daemon does not wait for it, see serve).
+	s.ptMu.Lock()
+	s.ptServer = srv
+	s.ptMu.Unlock()
+	s.log.Info("mounted", "mountpoint", mnt, "options", o.String())
 	return &Server{fuse: srv, stack: s, mountpoint: mnt, lockFd: lockFd}, nil
 }
 
 // fuseOptions renders o as go-fuse options.
 func fuseOptions(o *Options, root *node) *fs.Options {
 	entry, attr, neg := o.EntryTimeout, o.AttrTimeout, o.NegativeTimeout
+	direct := os.Geteuid() == 0
+	// A mount without a writable upper is mounted read-only, as kernel
+	// overlay is: every write fails with EROFS in the VFS, also access(2)
+	// W_OK and xattr changes on special files.
+	readOnly := !o.Writable()
+	opts := []string{"default_permissions"}
+	if !direct {
+		// fusermount3 takes the generic flags as strings (and always adds
+		// nosuid,nodev for users, as it must).
+		opts = append(opts, o.MountFlags...)
+		if readOnly {
+			opts = append(opts, "ro")
+		}
+	}
 	fsname := o.FsName
 	if fsname == "" {
 		fsname = "strata"
@@ -112,11 +131,14 @@ func fuseOptions(o *Options, root *node) *fs.Options {
 		// The kernel checks permissions against the attributes strata
 		// returns, with the caller's credentials, as kernel overlay does
 		// on its own inodes; strata itself acts with the mounter's.
-		Options:      append([]string{"default_permissions"}, o.MountFlags...),
+		Options:      opts,
 		MaxWrite:     1 << 20,
 		MaxReadAhead: 1 << 20,
-		// Root mounts directly (no fusermount helper round trip).
-		DirectMount:          os.Geteuid() == 0,
+		// Root mounts directly (no fusermount helper round trip), with
+		// the same flags a kernel overlay mount of these options gets.
+		DirectMount:          direct,
+		DirectMountStrict:    direct,
+		DirectMountFlags:     o.mountFlagBits(readOnly),
 		Debug:                o.DebugFUSE,
 		EnableSymlinkCaching: true,
 		// The kernel caches POSIX ACLs (also "none") per inode, so ls -l and
@@ -134,10 +156,26 @@ func fuseOptions(o *Options, root *node) *fs.Options {
 	}
 }
 
+// serve mounts root at mnt and serves it, as fs.Mount does; pollHack false
+// skips go-fuse's poll hack (see Options.NoSelfAccess). The mount(2) or
+// fusermount3 call is done when fuse.NewServer returns; requests wait in
+// the kernel until Serve answers INIT.
+func serve(mnt string, root *node, opts *fs.Options, pollHack bool) (*fuse.Server, error) {
+	if pollHack {
+		return fs.Mount(mnt, root, opts)
+	}
+	srv, err := fuse.NewServer(fs.NewNodeFS(root, opts), mnt, &opts.MountOptions)
+	if err != nil {
+		return nil, err
+	}
+	go srv.Serve()
+	return srv, nil
+}
+
 // probePassthrough reports whether the kernel accepts backing files on
 // this mount (FUSE passthrough: Linux >= 6.9 and CAP_SYS_ADMIN), by
 // registering a memfd and releasing it.
-func probePassthrough(srv *fuse.Server, log interface{ Info(string, ...any) }) bool {
+func probePassthrough(srv *fuse.Server, log *slog.Logger) bool {
 	fd, err := unix.MemfdCreate("strata-passthrough-probe", unix.MFD_CLOEXEC)
 	if err != nil {
 		return false

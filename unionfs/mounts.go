@@ -2,12 +2,15 @@ package unionfs
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Engine says what serves a mount.
@@ -29,6 +32,9 @@ type MountInfo struct {
 	// them in mountinfo); for a FUSE mount only what the mount table shows.
 	Options Options
 	Super   string // raw super options
+	// Minor is the minor device number of the mount: for FUSE, the
+	// connection's number under /sys/fs/fuse/connections.
+	Minor uint64
 }
 
 // ReadMounts lists the live strata and kernel overlay mounts of this mount
@@ -62,6 +68,9 @@ func ParseMountInfo(r io.Reader) ([]MountInfo, error) {
 		}
 		fstype, source, super := f[sep+1], unescapeMountinfo(f[sep+2]), f[sep+3]
 		m := MountInfo{Mountpoint: unescapeMountinfo(f[4]), Source: source, Super: unescapeMountinfo(super)}
+		if _, min, ok := strings.Cut(f[2], ":"); ok {
+			m.Minor, _ = strconv.ParseUint(min, 10, 32)
+		}
 		switch fstype {
 		case "overlay":
 			m.Engine = EngineKernel
@@ -135,4 +144,55 @@ func absPath(p string) (string, error) {
 		return r, nil
 	}
 	return a, nil
+}
+
+// AbortFUSE aborts the FUSE connection of a mount whose server is gone or
+// stuck, so that every waiting request fails with ENOTCONN and the mount
+// can be unmounted. It writes to fusectl's abort file, mounting a private
+// fusectl instance when /sys/fs/fuse/connections is not mounted.
+func AbortFUSE(m MountInfo) error {
+	rel := filepath.Join(strconv.FormatUint(m.Minor, 10), "abort")
+	if err := os.WriteFile(filepath.Join("/sys/fs/fuse/connections", rel), []byte("1"), 0o200); err == nil {
+		return nil
+	}
+	dir, err := os.MkdirTemp("", "strata-fusectl-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(dir)
+	if err := unix.Mount("fusectl", dir, "fusectl", 0, ""); err != nil {
+		return fmt.Errorf("mount fusectl to abort the connection: %w", err)
+	}
+	defer unix.Unmount(dir, unix.MNT_DETACH)
+	if err := os.WriteFile(filepath.Join(dir, rel), []byte("1"), 0o200); err != nil {
+		return fmt.Errorf("abort FUSE connection %d: %w", m.Minor, err)
+	}
+	return nil
+}
+
+// ServerGone reports whether the strata server of a FUSE mount recorded by
+// this user has died or hangs in the kernel (a zombie, or a thread stuck
+// in uninterruptible sleep while its process is exiting).
+func ServerGone(m MountInfo) bool {
+	st, err := ReadState(m.Mountpoint)
+	if err != nil {
+		// No record: judge by the mount itself.
+		var s unix.Stat_t
+		return errors.Is(unix.Stat(m.Mountpoint, &s), unix.ENOTCONN)
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(st.Pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	// pid (comm) state ...: the comm may hold spaces and parentheses.
+	rest := string(b[strings.LastIndexByte(string(b), ')')+1:])
+	f := strings.Fields(rest)
+	if len(f) == 0 {
+		return true
+	}
+	if f[0] == "Z" || f[0] == "X" {
+		return true
+	}
+	cmd, _ := os.ReadFile("/proc/" + strconv.Itoa(st.Pid) + "/cmdline")
+	return !strings.Contains(string(cmd), "strata")
 }

@@ -46,11 +46,16 @@ type node struct {
 	// hard-linked) object has other names; see location().
 	locStale atomic.Bool
 
-	// ptOpen counts the open handles that may use FUSE passthrough, and
-	// ptLayer is the layer of the file registered as their backing (-1:
-	// none yet). Protected by mu.
-	ptOpen  int
-	ptLayer int
+	// ptOpen and cachedOpen count the open handles that use FUSE
+	// passthrough and those that do not; see wrapHandle. Protected by mu.
+	ptOpen     int
+	cachedOpen int
+	// expire: a copy-up broke this lower hard link; the kernel's entry for
+	// the name must go (copyUpObject). Protected by mu.
+	expire bool
+	// tmpfd is the fd of an O_TMPFILE file that has no name yet (its
+	// handle's), else -1. Protected by mu.
+	tmpfd int
 
 	fds []*dirFd // protected by Stack.fds.mu
 }
@@ -111,6 +116,13 @@ func (n *node) state() (layer int, dirs []dirLayer, removed bool) {
 	return n.layer, n.dirs, n.removed
 }
 
+// tmpFd returns the fd of an unnamed O_TMPFILE file, or -1.
+func (n *node) tmpFd() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.tmpfd
+}
+
 // isRemoved reports whether the node's object lost its last name.
 func (n *node) isRemoved() bool {
 	n.mu.Lock()
@@ -142,7 +154,7 @@ func merged(dirs []dirLayer) bool { return len(dirs) > 1 }
 
 // newNode makes the node for entry e found as name in parent.
 func (s *Stack) newNode(parent *node, name string, e *entry) *node {
-	n := &node{s: s, layer: e.layer, dirs: e.dirs, ptLayer: -1}
+	n := &node{s: s, layer: e.layer, dirs: e.dirs, tmpfd: -1}
 	n.loc.Store(&location{parent: parent, name: name})
 	n.ino = s.identity(s.layers[e.layer], e.st.Ino)
 	return n
@@ -155,7 +167,7 @@ func (s *Stack) newNode(parent *node, name string, e *entry) *node {
 // fs/overlayfs/inode.c:ovl_hash_bylower); they still show one st_ino.
 func (s *Stack) stableAttr(n *node, st *unix.Stat_t, parentIno uint64, name string) fs.StableAttr {
 	a := fs.StableAttr{Mode: st.Mode & unix.S_IFMT, Ino: n.ino, Gen: 1}
-	if s.writable && st.Mode&unix.S_IFMT != unix.S_IFDIR && st.Nlink > 1 && !s.layers[n.layer].upper {
+	if s.brokenOnCopyUp(&entry{st: *st, layer: n.layer}) {
 		h := fnv.New64a()
 		var b [8]byte
 		for i := range b {
@@ -270,10 +282,15 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 		return nil, s.toErrno(ctx, "lookup", n, err)
 	}
 	child := s.childFor(ctx, n, name, &e)
-	layer, cdirs, _ := child.state()
-	_ = layer
+	_, cdirs, _ := child.state()
 	s.fillAttr(child, cdirs, &e.st, &out.Attr)
 	return &child.Inode, 0
+}
+
+// brokenOnCopyUp reports whether e is a lower non-directory with several
+// hard links in a writable mount: copying it up breaks the link.
+func (s *Stack) brokenOnCopyUp(e *entry) bool {
+	return s.writable && !s.layers[e.layer].upper && e.st.Mode&unix.S_IFMT != unix.S_IFDIR && e.st.Nlink > 1
 }
 
 // childFor returns the node for entry e found as name in n: the existing
@@ -314,6 +331,9 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 			s.fillAttr(n, nil, &st, &out.Attr)
 			return 0
 		}
+	}
+	if d, ok := f.(*dirHandle); ok {
+		return d.Getattr(ctx, out)
 	}
 	st, dirs, err := s.stat(n)
 	if err != nil {

@@ -66,6 +66,12 @@ type Options struct {
 	// mount.
 	Force bool
 
+	// NoSelfAccess says the mounting process never touches the mount
+	// itself (the daemon): go-fuse's poll hack, which opens a file on the
+	// new mount from the serving process, is skipped. Killed during that
+	// open, a server would wait forever for its own answer.
+	NoSelfAccess bool
+
 	// Logger receives diagnostics; nil discards them.
 	Logger *slog.Logger
 	// DebugFUSE dumps the FUSE protocol to the logger.

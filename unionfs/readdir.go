@@ -16,9 +16,10 @@ import (
 // readdir returns the merged listing of directory n: ".", "..", then each
 // visible name once, in the order of the topmost layer that holds it, with
 // its type from that layer and its identity as d_ino. Whiteouts are
-// removed; xattr whiteouts only in layer dirs marked opaque "x", as the
-// kernel's readdir does (fs/overlayfs/readdir.c), while its lookup honours
-// them everywhere.
+// removed; xattr whiteouts only in layer dirs marked opaque "x" that are
+// in a lower layer or are a layer's root, as Linux 6.18's readdir does
+// (an upper subdirectory marked "x" lists them as broken names), while its
+// lookup honours them everywhere.
 func (s *Stack) readdir(ctx context.Context, n *node) ([]fuse.DirEntry, error) {
 	_, dirs, removed := n.state()
 	if removed {
@@ -37,11 +38,10 @@ func (s *Stack) readdir(ctx context.Context, n *node) ([]fuse.DirEntry, error) {
 		seen = make(map[string]struct{})
 	}
 	buf := make([]byte, 64<<10)
+	root := n.isRoot()
 	for _, dl := range dirs {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
 		l := s.layers[dl.layer]
+		xw := dl.opacity == whiteout.XattrWhiteouts && (!l.upper || root)
 		ref, err := s.dirfd(n, dl.layer)
 		if err != nil {
 			return nil, err
@@ -60,7 +60,7 @@ func (s *Stack) readdir(ctx context.Context, n *node) ([]fuse.DirEntry, error) {
 			}
 			mode := dtToMode(typ)
 			if typ == unix.DT_UNKNOWN || typ == unix.DT_CHR ||
-				(typ == unix.DT_REG && dl.opacity == whiteout.XattrWhiteouts) {
+				(typ == unix.DT_REG && xw) {
 				var st unix.Stat_t
 				if err := unix.Fstatat(ref.fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 					if err == unix.ENOENT {
@@ -72,7 +72,7 @@ func (s *Stack) readdir(ctx context.Context, n *node) ([]fuse.DirEntry, error) {
 				if whiteout.IsCharWhiteout(&st) {
 					return nil
 				}
-				if dl.opacity == whiteout.XattrWhiteouts && whiteout.MaybeXattrWhiteout(&st) {
+				if xw && whiteout.MaybeXattrWhiteout(&st) {
 					wh, err := whiteout.HasWhiteoutXattr(ref.fd, name, s.ns)
 					if err != nil {
 						return err
@@ -164,6 +164,10 @@ func dtToMode(t uint8) uint32 {
 // and serves seeks from that list; a seek to 0 lists it anew.
 type dirHandle struct {
 	n *node
+	// fd is the directory's topmost layer copy, open for the handle's
+	// life: fstat(2) of an open directory keeps working after the
+	// directory is removed or replaced, as on any filesystem.
+	fd int
 
 	mu      sync.Mutex
 	entries []fuse.DirEntry // protected by mu; nil until the first read
@@ -176,10 +180,46 @@ var _ = (fs.NodeOpendirHandler)((*node)(nil))
 // listing (FOPEN_CACHE_DIR): strata is the only writer while mounted, and
 // every change through the mount invalidates it.
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	if _, _, removed := n.state(); removed {
+	s := n.s
+	_, dirs, removed := n.state()
+	if removed {
 		return nil, 0, syscall.ENOENT
 	}
-	return &dirHandle{n: n}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+	ref, err := s.dirfd(n, dirs[0].layer)
+	if err != nil {
+		return nil, 0, s.toErrno(ctx, "opendir", n, err)
+	}
+	fd, err := unix.Openat(ref.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	s.release(ref)
+	if err != nil {
+		return nil, 0, s.toErrno(ctx, "opendir", n, err)
+	}
+	return &dirHandle{n: n, fd: fd}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+}
+
+var _ = (fs.FileGetattrer)((*dirHandle)(nil))
+
+// Getattr stats the open directory: after it is removed, its own fd is all
+// that reaches it.
+func (d *dirHandle) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
+	s := d.n.s
+	_, dirs, removed := d.n.state()
+	if !removed {
+		st, dirs, err := s.stat(d.n)
+		if err == nil {
+			s.fillAttr(d.n, dirs, &st, &out.Attr)
+			return 0
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(d.fd, &st); err != nil {
+		return s.toErrno(ctx, "getattr", d.n, err)
+	}
+	if removed {
+		dirs = nil
+	}
+	s.fillAttr(d.n, dirs, &st, &out.Attr)
+	return 0
 }
 
 var _ = (fs.FileReaddirenter)((*dirHandle)(nil))
@@ -225,9 +265,10 @@ func (d *dirHandle) Fsyncdir(ctx context.Context, flags uint32) syscall.Errno {
 
 var _ = (fs.FileReleasedirer)((*dirHandle)(nil))
 
-// Releasedir drops the listing.
+// Releasedir drops the listing and closes the directory.
 func (d *dirHandle) Releasedir(ctx context.Context, flags uint32) {
 	d.mu.Lock()
 	d.entries = nil
 	d.mu.Unlock()
+	unix.Close(d.fd)
 }

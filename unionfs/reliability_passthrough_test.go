@@ -12,7 +12,7 @@ import (
 	"strata/internal/testenv"
 )
 
-// TestBugPassthroughOpenForWriteWhileLowerOpenEIO demonstrates a strata
+// TestPassthroughOpenForWriteWhileLowerOpen guards a fixed strata
 // bug (found by internal/stress: "log-append: got EIO"): with FUSE
 // passthrough (root, Linux >= 6.9), while one process holds a lower file
 // open for reading, opening it for writing (which copies it up) fails with
@@ -27,8 +27,7 @@ import (
 // which is already open for passthrough" -> EIO), so the comment's premise
 // ("which the kernel allows beside passthrough opens") does not hold.
 // Kernel overlay gives both opens, and the reader sees the old data.
-func TestBugPassthroughOpenForWriteWhileLowerOpenEIO(t *testing.T) {
-	knownBug(t, "EIO opening a lower file for write while a reader holds it (FUSE passthrough)")
+func TestPassthroughOpenForWriteWhileLowerOpen(t *testing.T) {
 	testenv.RequireRoot(t)
 	s := newRelStack(t, 1)
 	if err := os.WriteFile(s.lowers[0]+"/f", []byte("lower\n"), 0o644); err != nil {
@@ -62,7 +61,7 @@ func TestBugPassthroughOpenForWriteWhileLowerOpenEIO(t *testing.T) {
 	t.Logf("after the reader closed: %q, %v", b, err)
 }
 
-// TestBugPassthroughConcurrentOpensEIO demonstrates a second face of the
+// TestPassthroughConcurrentOpens guards a second face of the
 // same bug: concurrent opens of one file that is already in the upper
 // layer (no reader of a lower copy involved) sometimes fail with EIO.
 //
@@ -74,8 +73,7 @@ func TestBugPassthroughOpenForWriteWhileLowerOpenEIO(t *testing.T) {
 // with EIO once the first open attached its backing file
 // (fs/fuse/iomode.c:fuse_file_io_open). ptHandle.Release resetting
 // ptLayer while go-fuse still holds the backing is a similar window.
-func TestBugPassthroughConcurrentOpensEIO(t *testing.T) {
-	knownBug(t, "EIO on concurrent opens of one file (FUSE passthrough)")
+func TestPassthroughConcurrentOpens(t *testing.T) {
 	testenv.RequireRoot(t)
 	s := newRelStack(t, 1)
 	if err := os.WriteFile(s.upper+"/f", []byte("upper\n"), 0o644); err != nil {

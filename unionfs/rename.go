@@ -101,11 +101,11 @@ func (s *Stack) rename(ctx context.Context, op *node, oldName string, np *node, 
 		}
 	}
 
-	if err := s.copyUp(ctx, oldNode); err != nil {
+	if err := s.copyUpObject(ctx, oldNode, true); err != nil {
 		return err
 	}
 	if exchange {
-		if err := s.copyUp(ctx, newNode); err != nil {
+		if err := s.copyUpObject(ctx, newNode, true); err != nil {
 			return err
 		}
 	}

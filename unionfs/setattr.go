@@ -29,7 +29,7 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 		fd := h.current()
 		h.mu.RUnlock() // fd stays open: RELEASE waits for this request
 		err = s.setattrAt(fd, "", unix.AT_EMPTY_PATH, f, in)
-	} else if err = s.copyUp(ctx, n); err == nil {
+	} else if err = s.copyUpObject(ctx, n, false); err == nil {
 		err = s.setattr(n, f, in)
 	}
 	if err != nil {

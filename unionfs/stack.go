@@ -6,8 +6,8 @@ import (
 	"math/bits"
 	"os"
 	"sync"
-	"sync/atomic"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
 	"strata/cow"
@@ -49,9 +49,13 @@ type Stack struct {
 	// privileged: the daemon may chown and create device nodes.
 	privileged bool
 
-	// passthrough: the kernel accepted a backing file at mount; open files
-	// then use FUSE passthrough.
-	passthrough atomic.Bool
+	ptMu sync.Mutex
+	// ptServer is the mount's server, set by Mount; at the first open after
+	// it is set, ptDecided becomes true and passthrough says whether open
+	// files use FUSE passthrough. Protected by ptMu.
+	ptServer    *fuse.Server
+	ptDecided   bool
+	passthrough bool
 
 	copiedMu sync.Mutex
 	// copied maps the real inode number of an upper object that was copied
@@ -197,6 +201,17 @@ func (s *Stack) identity(l *layer, ino uint64) uint64 {
 		ino &= (1 << s.inoShift) - 1
 	}
 	return ino | fsid<<s.inoShift
+}
+
+// passthroughOK reports whether open files may use FUSE passthrough.
+func (s *Stack) passthroughOK() bool {
+	s.ptMu.Lock()
+	defer s.ptMu.Unlock()
+	if !s.ptDecided && s.ptServer != nil {
+		s.passthrough = probePassthrough(s.ptServer, s.log)
+		s.ptDecided = true
+	}
+	return s.passthrough
 }
 
 // rememberCopy records that the upper object with real inode number

@@ -107,7 +107,7 @@ var _ = (fs.NodeSetxattrer)((*node)(nil))
 // Setxattr copies the object up and sets the attribute there.
 func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
 	s := n.s
-	if err := s.copyUp(ctx, n); err != nil {
+	if err := s.copyUpObject(ctx, n, false); err != nil {
 		return s.toErrno(ctx, "setxattr", n, err)
 	}
 	ref, name, err := s.objectRef(n)
@@ -141,7 +141,7 @@ func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
 		if err != nil {
 			return s.toErrno(ctx, "removexattr", n, err)
 		}
-		if err := s.copyUp(ctx, n); err != nil {
+		if err := s.copyUpObject(ctx, n, false); err != nil {
 			return s.toErrno(ctx, "removexattr", n, err)
 		}
 	}
