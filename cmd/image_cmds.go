@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -375,42 +374,13 @@ func runImageMount(ctx context.Context, e *env, f *imageMountFlags, args []strin
 	if err != nil {
 		return err
 	}
-	// TODO(image mount): hand o to the mount code in-process once
-	// cmd/mount.go offers it (mountWith(ctx, e, o, mountpoint, ...)).
-	// Until then "strata mount" runs as a child with the same options:
-	// it validates, picks the engine and daemonizes exactly as a plain
-	// mount does, and returns once the mount is live.
-	mountArgs := []string{"mount", "-o", o.String(), "--mode", f.mode}
-	if f.foreground {
-		mountArgs = append(mountArgs, "--foreground")
-	}
-	if f.dryRun {
-		mountArgs = append(mountArgs, "--dry-run")
-	}
-	if f.mode == "fuse" {
+	mf := &mountFlags{mode: f.mode, foreground: f.foreground, dryRun: f.dryRun, readyFd: -1}
+	if f.mode == "fuse" && o.FsName == "" {
 		// The mount table names the image. Only for FUSE: fsname is an
 		// option kernel overlay cannot take, and auto would fall back.
-		mountArgs = append(mountArgs, "--source", "strata:"+img.Name)
+		o.FsName = "strata:" + img.Name
 	}
-	mountArgs = append(mountArgs, args[1])
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	cmd := exec.CommandContext(ctx, self, mountArgs...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, e.stdout, e.stderr
-	if err := cmd.Run(); err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		var ee *exec.ExitError
-		if errors.As(err, &ee) && ee.ExitCode() > 0 {
-			// The child said why on stderr already.
-			return &exitError{code: ee.ExitCode()}
-		}
-		return fmt.Errorf("strata mount: %w", err)
-	}
-	return nil
+	return mountWith(ctx, e, o, args[1], mf)
 }
 
 // shortID shortens "sha256:<hex>" to 12 hex digits.

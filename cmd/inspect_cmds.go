@@ -102,6 +102,7 @@ compared.
 	})
 	register(&command{
 		name: "fsck", args: "[flags] -o OPTIONS", summary: "check a layer stack offline; --repair fixes what is safe",
+		usageCode: fsckUsage,
 		help: `Checks the upper dir against the lowers, every layer for markers that do not
 belong there, and the work dir. Each problem has a stable code:
 

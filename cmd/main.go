@@ -27,6 +27,9 @@ type command struct {
 	setup func(f *pflag.FlagSet) func(ctx context.Context, e *env, args []string) error
 	// hidden commands are not listed (internal re-exec entry points).
 	hidden bool
+	// usageCode is the exit status of a usage error (default 2; fsck(8)
+	// conventions want 16).
+	usageCode int
 }
 
 var commands = map[string]*command{}
@@ -113,17 +116,26 @@ func run(ctx context.Context, e *env, c *command, args []string) int {
 			return 0
 		}
 		fmt.Fprintf(e.stderr, "strata %s: %v\n", c.name, err)
-		return 2
+		return c.usage()
 	}
 	if err := e.logLevel.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(e.stderr, "strata %s: bad --log-level %q\n", c.name, *logLevel)
 		return 2
 	}
 	err := runFn(ctx, e, f.Args())
-	return exitCode(e, c.name, err)
+	return exitCode(e, c, err)
 }
 
-func exitCode(e *env, name string, err error) int {
+// usage returns the command's exit status for a usage error.
+func (c *command) usage() int {
+	if c.usageCode != 0 {
+		return c.usageCode
+	}
+	return 2
+}
+
+func exitCode(e *env, c *command, err error) int {
+	name := c.name
 	if err == nil {
 		return 0
 	}
@@ -139,7 +151,7 @@ func exitCode(e *env, name string, err error) int {
 	var ue *usageError
 	switch {
 	case errors.As(err, &ue):
-		return 2
+		return c.usage()
 	case errors.Is(err, context.Canceled):
 		return 130
 	}

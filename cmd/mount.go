@@ -103,6 +103,13 @@ func runMount(ctx context.Context, e *env, f *mountFlags, args []string) error {
 	if err != nil {
 		return err
 	}
+	return mountWith(ctx, e, o, mnt, f)
+}
+
+// mountWith mounts o at mnt as "strata mount" does once its command line
+// is parsed: validate, choose the engine, then serve in the foreground or
+// from a daemon. Other commands (image mount) mount through it.
+func mountWith(ctx context.Context, e *env, o unionfs.Options, mnt string, f *mountFlags) error {
 	if err := o.Resolve(); err != nil {
 		return err
 	}
@@ -125,7 +132,7 @@ func runMount(ctx context.Context, e *env, f *mountFlags, args []string) error {
 	if f.foreground || f.debugFUSE || f.readyFd >= 0 {
 		return serveForeground(ctx, e, f, o, mnt)
 	}
-	return daemonize(e, f)
+	return daemonize(e, f, o, mnt)
 }
 
 // tryKernel handles --mode=kernel and --mode=auto: it hands the mount to
@@ -249,8 +256,9 @@ func ready(fd int, err error) {
 }
 
 // daemonize runs the mount in a new session in the background and returns
-// once it is live or has failed.
-func daemonize(e *env, f *mountFlags) error {
+// once it is live or has failed. The daemon is this binary again, given
+// the already parsed and resolved options.
+func daemonize(e *env, f *mountFlags, o unionfs.Options, mnt string) error {
 	self, err := os.Executable()
 	if err != nil {
 		return err
@@ -259,11 +267,14 @@ func daemonize(e *env, f *mountFlags) error {
 	if err != nil {
 		return err
 	}
-	args := append([]string{"mount", "--ready-fd=3"}, os.Args[2:]...)
-	if !isMountCommand(os.Args) {
-		// Invoked in the mount.fuse helper form: rebuild the argv.
-		args = append([]string{"mount", "--ready-fd=3"}, helperArgs(os.Args[1:])...)
+	args := []string{"mount", "--ready-fd=3", "--mode=fuse", "-o", o.String()}
+	if f.force {
+		args = append(args, "--force")
 	}
+	if f.logFile != "" {
+		args = append(args, "--log-file", f.logFile, "--log-level", e.logLevel.Level().String())
+	}
+	args = append(args, "--", mnt)
 	cmd := exec.Command(self, args...)
 	cmd.ExtraFiles = []*os.File{w}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -273,9 +284,6 @@ func daemonize(e *env, f *mountFlags) error {
 	}
 	defer devnull.Close()
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, devnull
-	if f.logFile == "" {
-		cmd.Env = append(os.Environ(), "STRATA_DAEMON=1")
-	}
 	if err := cmd.Start(); err != nil {
 		w.Close()
 		r.Close()
@@ -303,8 +311,6 @@ func daemonize(e *env, f *mountFlags) error {
 	}
 	return errors.New(line)
 }
-
-func isMountCommand(argv []string) bool { return len(argv) > 1 && argv[1] == "mount" }
 
 // detach lazily unmounts mnt.
 func detach(mnt string) error {

@@ -185,7 +185,7 @@ func (c *Copier) copyXattrs(srcDir int, srcName string, dstDir int, dstName stri
 		return fmt.Errorf("list xattrs: %w", err)
 	}
 	for _, name := range names {
-		if c.opts.NS.IsPrivate(name) && !IsEscapedPrivate(c.opts.NS, name) {
+		if c.opts.NS.Shown(name) == "" {
 			continue
 		}
 		val, err := sysx.GetxattrAll(srcDir, srcName, name)
@@ -204,15 +204,6 @@ func (c *Copier) copyXattrs(srcDir int, srcName string, dstDir int, dstName stri
 		}
 	}
 	return nil
-}
-
-// IsEscapedPrivate reports whether name is an escaped private attribute
-// ("trusted.overlay.overlay.X"): user data that the merged view shows as
-// "trusted.overlay.X" (Documentation/filesystems/overlayfs.rst, "Nesting
-// overlayfs mounts").
-func IsEscapedPrivate(ns whiteout.NS, name string) bool {
-	p := ns.Prefix() + "overlay."
-	return len(name) > len(p) && name[:len(p)] == p
 }
 
 // discard removes a partly built temporary entry from the work dir.

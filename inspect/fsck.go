@@ -647,7 +647,7 @@ func (c *checker) xattrChecks(li, dirfd int, q, name string, e *dirEntry, root b
 	upper := li == 0 && c.s.upper
 	for _, x := range e.xattrs {
 		switch {
-		case c.other.IsPrivate(x) && !cow.IsEscapedPrivate(c.other, x):
+		case c.other.IsPrivate(x) && !c.other.IsEscaped(x):
 			suffix := x[len(c.other.Prefix()):]
 			if !knownPrivate[suffix] {
 				continue
@@ -659,7 +659,7 @@ func (c *checker) xattrChecks(li, dirfd int, q, name string, e *dirEntry, root b
 			}
 			c.add(Problem{Code: WrongNS, Severity: sev, Layer: li, Role: role, Path: q,
 				Message: fmt.Sprintf("%s belongs to the %s format; this stack reads %s*, so it is ignored", x, c.other, c.ns.Prefix())})
-		case c.ns.IsPrivate(x) && !cow.IsEscapedPrivate(c.ns, x):
+		case c.ns.IsPrivate(x) && !c.ns.IsEscaped(x):
 			if err := c.ownMarker(li, dirfd, q, name, e, x, root, upper); err != nil {
 				return err
 			}

@@ -17,20 +17,7 @@ import (
 // [unionfs.ParseOptions], except that workdir may be left out when
 // upperdir is given: offline tools never write through the work dir.
 func ParseOptions(data string) (unionfs.Options, error) {
-	o, err := unionfs.ParseOptions(data)
-	var oe *unionfs.OptionError
-	if err == nil || !errors.As(err, &oe) || oe.Option != "upperdir/workdir" {
-		return o, err
-	}
-	// Only "upperdir without workdir" is accepted: parse again with a
-	// placeholder work dir and drop it. "workdir without upperdir" still
-	// fails, since the placeholder cannot supply the missing upper.
-	o2, err2 := unionfs.ParseOptions(data + ",workdir=/")
-	if err2 != nil || o2.Upper == "" || o2.Work != "/" {
-		return o, err
-	}
-	o2.Work = ""
-	return o2, nil
+	return unionfs.ParseLayerOptions(data)
 }
 
 // Layer describes one layer of a stack.
@@ -71,16 +58,13 @@ func Open(o unionfs.Options) (*Stack, error) {
 }
 
 // openView opens the mount's resolution over every layer of o. With
-// noWork, or when o has no work dir, the upper dir is opened as the
-// topmost read-only layer: unionfs.OpenStack validates the work dir even
-// for a read-only stack, and the resolution treats an upper and a lower
-// layer alike (unionfs/lookup.go: resolve).
+// noWork the work dir is neither checked nor needed.
 func openView(o unionfs.Options, noWork bool) (*unionfs.Stack, error) {
-	if o.Upper != "" && (noWork || o.Work == "") {
-		lo := unionfs.Options{Lowers: append([]string{o.Upper}, o.Lowers...), UserXattr: o.UserXattr, SquashUID: -1, SquashGID: -1}
-		return unionfs.OpenStack(lo)
+	o = cloneOptions(o)
+	if noWork {
+		o.Work = ""
 	}
-	return unionfs.OpenStack(cloneOptions(o))
+	return unionfs.OpenStack(o)
 }
 
 func newStack(o unionfs.Options, view *unionfs.Stack) (*Stack, error) {
@@ -105,19 +89,11 @@ func newStack(o unionfs.Options, view *unionfs.Stack) (*Stack, error) {
 	return s, nil
 }
 
-// resolveOptions returns a copy of o with absolute layer paths. An empty
-// work dir stays empty ([unionfs.Options.Resolve] would make it the
-// current directory).
+// resolveOptions returns a copy of o with absolute layer paths.
 func resolveOptions(o unionfs.Options) (unionfs.Options, error) {
 	o = cloneOptions(o)
-	noWork := o.Work == ""
-	if err := o.Resolve(); err != nil {
-		return o, err
-	}
-	if noWork {
-		o.Work = ""
-	}
-	return o, nil
+	err := o.Resolve()
+	return o, err
 }
 
 func cloneOptions(o unionfs.Options) unionfs.Options {

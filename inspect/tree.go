@@ -265,21 +265,20 @@ func allXattrs(dirfd int, name string) (map[string]string, error) {
 
 // visibleXattrs returns the attributes a mount in namespace ns shows for
 // the layer entry name of dirfd: private ones hidden, escaped ones
-// ("trusted.overlay.overlay.X") shown unescaped, as unionfs/xattr.go
-// (shownXattr) and the kernel (ovl_xattr_unescape) do.
+// ("trusted.overlay.overlay.X") shown unescaped: whiteout.NS.Shown, the
+// rule the mount uses.
 func visibleXattrs(dirfd int, name string, ns whiteout.NS) (map[string]string, error) {
 	all, err := allXattrs(dirfd, name)
 	if err != nil {
 		return nil, err
 	}
 	for _, x := range slices.Collect(maps.Keys(all)) {
-		if !ns.IsPrivate(x) {
-			continue
-		}
-		v := all[x]
-		delete(all, x)
-		if cow.IsEscapedPrivate(ns, x) {
-			all[ns.Prefix()+x[len(ns.Prefix()+"overlay."):]] = v
+		if shown := ns.Shown(x); shown != x {
+			v := all[x]
+			delete(all, x)
+			if shown != "" {
+				all[shown] = v
+			}
 		}
 	}
 	if len(all) == 0 {

@@ -197,6 +197,17 @@ var kernelOnly = map[string]string{
 // options, "\," escaping a comma and "\:" a colon inside lowerdir (and "\\"
 // a backslash). Paths are kept as given; see [Options.Resolve].
 func ParseOptions(data string) (Options, error) {
+	return parseOptions(data, true)
+}
+
+// ParseLayerOptions parses like ParseOptions but accepts an upperdir
+// without workdir: offline tools (explain, diff, fsck, merge, export) read
+// the layers and never need the work dir.
+func ParseLayerOptions(data string) (Options, error) {
+	return parseOptions(data, false)
+}
+
+func parseOptions(data string, needWork bool) (Options, error) {
 	o := Options{SquashUID: -1, SquashGID: -1,
 		EntryTimeout: DefaultTimeout, AttrTimeout: DefaultTimeout, NegativeTimeout: DefaultTimeout}
 	var seenLower bool
@@ -300,7 +311,7 @@ func ParseOptions(data string) (Options, error) {
 	if !seenLower {
 		return Options{}, &OptionError{Option: "lowerdir", Reason: "missing: at least one lower layer is required"}
 	}
-	if (o.Upper == "") != (o.Work == "") {
+	if (o.Upper == "") != (o.Work == "") && (needWork || o.Upper == "") {
 		return Options{}, &OptionError{Option: "upperdir/workdir", Reason: "upperdir and workdir must be given together"}
 	}
 	if o.SquashUID >= 0 && len(o.UIDMap) > 0 || o.SquashGID >= 0 && len(o.GIDMap) > 0 {
@@ -472,6 +483,8 @@ func (o *Options) Resolve() error {
 		if o.Upper, err = abs(o.Upper); err != nil {
 			return err
 		}
+	}
+	if o.Work != "" {
 		if o.Work, err = abs(o.Work); err != nil {
 			return err
 		}
@@ -518,6 +531,10 @@ func (o *Options) Validate() error {
 	if err != nil {
 		return err
 	}
+	if o.Work == "" {
+		// Offline use (OpenStack): only the layers are read.
+		return o.checkLowersApart(o.Upper, "")
+	}
 	wst, err := dirStat("workdir", o.Work)
 	if err != nil {
 		return err
@@ -528,22 +545,25 @@ func (o *Options) Validate() error {
 	if ust.Ino == wst.Ino {
 		return &LayerError{"workdir", o.Work, errors.New("is the same directory as upperdir")}
 	}
-	real := func(p string) string {
-		if r, err := filepath.EvalSymlinks(p); err == nil {
-			return r
-		}
-		return p
-	}
-	up, wk := real(o.Upper), real(o.Work)
+	up, wk := realPath(o.Upper), realPath(o.Work)
 	if within(wk, up) {
 		return &LayerError{"workdir", o.Work, errors.New("is inside upperdir " + o.Upper)}
 	}
 	if within(up, wk) {
 		return &LayerError{"upperdir", o.Upper, errors.New("is inside workdir " + o.Work)}
 	}
+	return o.checkLowersApart(up, wk)
+}
+
+// checkLowersApart refuses a lower layer inside the (resolved) upper or
+// work dir, or containing one of them; wk may be "".
+func (o *Options) checkLowersApart(up, wk string) error {
 	for _, l := range o.Lowers {
-		lr := real(l)
+		lr := realPath(l)
 		for _, w := range []struct{ role, p, orig string }{{"upperdir", up, o.Upper}, {"workdir", wk, o.Work}} {
+			if w.p == "" {
+				continue
+			}
 			if lr == w.p || within(lr, w.p) {
 				return &LayerError{"lowerdir", l, fmt.Errorf("is inside %s %s", w.role, w.orig)}
 			}
@@ -553,6 +573,14 @@ func (o *Options) Validate() error {
 		}
 	}
 	return nil
+}
+
+// realPath resolves symlinks in p where it can.
+func realPath(p string) string {
+	if r, err := filepath.EvalSymlinks(p); err == nil {
+		return r
+	}
+	return p
 }
 
 // within reports whether path p is strictly below dir.

@@ -13,33 +13,6 @@ import (
 	"strata/internal/sysx"
 )
 
-// realXattr maps an attribute name of the merged view to the name stored
-// in the layers. Overlay-private names are escaped with one more
-// "overlay." so that they are stored as user data, as the kernel does
-// (fs/overlayfs/xattrs.c:ovl_xattr_escape_name): setting
-// "trusted.overlay.x" through the mount stores "trusted.overlay.overlay.x".
-func (s *Stack) realXattr(name string) string {
-	if s.ns.IsPrivate(name) {
-		p := s.ns.Prefix()
-		return p + "overlay." + name[len(p):]
-	}
-	return name
-}
-
-// shownXattr maps a stored attribute name to the name the merged view
-// shows, or "" for an overlay-private attribute that stays hidden.
-func (s *Stack) shownXattr(name string) string {
-	p := s.ns.Prefix()
-	if !strings.HasPrefix(name, p) {
-		return name
-	}
-	rest := name[len(p):]
-	if strings.HasPrefix(rest, "overlay.") && len(rest) > len("overlay.") {
-		return p + rest[len("overlay."):]
-	}
-	return ""
-}
-
 var _ = (fs.NodeGetxattrer)((*node)(nil))
 
 // Getxattr reads an attribute from the object's deciding layer.
@@ -50,9 +23,9 @@ func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, 
 		return 0, s.toErrno(ctx, "getxattr", n, err)
 	}
 	defer s.release(ref)
-	sz, err := sysx.Getxattr(ref.fd, name, s.realXattr(attr), dest)
+	sz, err := sysx.Getxattr(ref.fd, name, s.ns.Escape(attr), dest)
 	if errors.Is(err, unix.ERANGE) {
-		sz, err = sysx.Getxattr(ref.fd, name, s.realXattr(attr), nil)
+		sz, err = sysx.Getxattr(ref.fd, name, s.ns.Escape(attr), nil)
 		if err == nil {
 			return uint32(sz), syscall.ERANGE
 		}
@@ -86,7 +59,7 @@ func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errn
 	}
 	var buf []byte
 	for _, raw := range names {
-		shown := s.shownXattr(raw)
+		shown := s.ns.Shown(raw)
 		if shown == "" || (!privileged && strings.HasPrefix(shown, "trusted.")) {
 			continue
 		}
@@ -115,7 +88,7 @@ func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uin
 		return s.toErrno(ctx, "setxattr", n, err)
 	}
 	defer s.release(ref)
-	return s.toErrno(ctx, "setxattr", n, sysx.Setxattr(ref.fd, name, s.realXattr(attr), data, int(flags)))
+	return s.toErrno(ctx, "setxattr", n, sysx.Setxattr(ref.fd, name, s.ns.Escape(attr), data, int(flags)))
 }
 
 var _ = (fs.NodeRemovexattrer)((*node)(nil))
@@ -127,7 +100,7 @@ func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
 	if !s.writable {
 		return syscall.EROFS
 	}
-	real := s.realXattr(attr)
+	real := s.ns.Escape(attr)
 	n.mu.Lock()
 	upper := n.inUpperLocked()
 	n.mu.Unlock()

@@ -52,6 +52,38 @@ func (ns NS) Whiteout() string { return ns.Prefix() + "whiteout" }
 // attributes are hidden from the merged view and never copied up.
 func (ns NS) IsPrivate(name string) bool { return strings.HasPrefix(name, ns.Prefix()) }
 
+// Escape maps an attribute name of the merged view to the name stored in
+// a layer. Overlay-private names are escaped with one more "overlay." so
+// that they are kept as user data: setting "trusted.overlay.x" through a
+// mount stores "trusted.overlay.overlay.x" (fs/overlayfs/xattrs.c,
+// Documentation/filesystems/overlayfs.rst "Nesting overlayfs mounts").
+func (ns NS) Escape(name string) string {
+	if ns.IsPrivate(name) {
+		return ns.Prefix() + "overlay." + name[len(ns.Prefix()):]
+	}
+	return name
+}
+
+// Shown maps a stored attribute name to the name a merged view shows, or
+// "" for an overlay-private attribute that stays hidden.
+func (ns NS) Shown(stored string) string {
+	if !ns.IsPrivate(stored) {
+		return stored
+	}
+	if ns.IsEscaped(stored) {
+		return ns.Prefix() + stored[len(ns.Prefix()+"overlay."):]
+	}
+	return ""
+}
+
+// IsEscaped reports whether a stored name is an escaped private attribute
+// ("trusted.overlay.overlay.X"): user data, shown as "trusted.overlay.X"
+// and copied up like any other attribute.
+func (ns NS) IsEscaped(stored string) bool {
+	p := ns.Prefix() + "overlay."
+	return len(stored) > len(p) && stored[:len(p)] == p
+}
+
 // IsPrivateXattr reports whether name is an overlay-private attribute in
 // either namespace. Offline tools use it when they do not know which
 // namespace a layer was written for.

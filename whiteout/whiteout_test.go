@@ -214,3 +214,29 @@ func TestCheckName(t *testing.T) {
 		}
 	}
 }
+
+func TestXattrEscaping(t *testing.T) {
+	ns := whiteout.Trusted
+	cases := []struct{ shown, stored string }{
+		{"user.a", "user.a"},
+		{"trusted.overlay.x", "trusted.overlay.overlay.x"},
+		{"trusted.overlay.overlay.x", "trusted.overlay.overlay.overlay.x"},
+		{"user.overlay.opaque", "user.overlay.opaque"}, // not private in the trusted format
+	}
+	for _, c := range cases {
+		if got := ns.Escape(c.shown); got != c.stored {
+			t.Errorf("Escape(%q) = %q, want %q", c.shown, got, c.stored)
+		}
+		if got := ns.Shown(c.stored); got != c.shown {
+			t.Errorf("Shown(%q) = %q, want %q", c.stored, got, c.shown)
+		}
+	}
+	for _, hidden := range []string{"trusted.overlay.opaque", "trusted.overlay.origin", "trusted.overlay.overlay."} {
+		if got := ns.Shown(hidden); got != "" {
+			t.Errorf("Shown(%q) = %q, want hidden", hidden, got)
+		}
+	}
+	if !whiteout.User.IsEscaped("user.overlay.overlay.q") || whiteout.User.IsEscaped("user.overlay.q") {
+		t.Errorf("User.IsEscaped wrong")
+	}
+}
