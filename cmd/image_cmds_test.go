@@ -6,8 +6,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	it "strata/image/imagetest"
 	"strata/internal/testenv"
@@ -230,7 +233,15 @@ func TestImageRootless(t *testing.T) {
 	if _, err := exec.LookPath("setpriv"); err != nil {
 		testenv.Need(t, "setpriv", err.Error())
 	}
-	src, _, _ := imageSource(t)
+	testenv.RequireFUSE(t)
+	var fst unix.Stat_t
+	if err := unix.Stat("/dev/fuse", &fst); err != nil {
+		t.Fatal(err)
+	}
+	// /dev/fuse usable by users, as on every distribution.
+	os.Chmod("/dev/fuse", 0o666)
+	t.Cleanup(func() { os.Chmod("/dev/fuse", os.FileMode(fst.Mode&0o777)) })
+	src, a, _ := imageSource(t)
 	dir, err := os.MkdirTemp("/tmp", "strata-image-")
 	if err != nil {
 		t.Fatal(err)
@@ -244,8 +255,18 @@ func TestImageRootless(t *testing.T) {
 		os.Chmod(p, 0o755)
 	}
 	store := filepath.Join(dir, "store")
+	// The README's promise: a user with an image and no root gets a
+	// mounted, writable rootfs in two commands.
+	c := filepath.Join(dir, "c1")
 	script := `
 $STRATA image unpack --store ` + store + ` --ref a:1 ` + src + `
+mkdir -p ` + c + `/up ` + c + `/work ` + c + `/rootfs
+$STRATA image mount --store ` + store + ` --upper ` + c + `/up --work ` + c + `/work a:1 ` + c + `/rootfs
+find ` + c + `/rootfs | sort > ` + dir + `/tree.txt
+echo hello > ` + c + `/rootfs/etc/motd
+rm ` + c + `/rootfs/etc/passwd
+cat ` + c + `/rootfs/etc/motd
+$STRATA umount ` + c + `/rootfs
 $STRATA image ls --store ` + store + `
 $STRATA image rm --store ` + store + ` a:1
 `
@@ -253,8 +274,26 @@ $STRATA image rm --store ` + store + ` a:1
 	if err != nil {
 		t.Fatalf("rootless image commands: %v\n%s", err, out)
 	}
-	if !strings.Contains(out, "3 layers (3 new") || !strings.Contains(out, "example.com/a:1") || !strings.Contains(out, "3 layers removed") {
+	if !strings.Contains(out, "3 layers (3 new") || !strings.Contains(out, "example.com/a:1") || !strings.Contains(out, "3 layers removed") || !strings.Contains(out, "hello") {
 		t.Errorf("output:\n%s", out)
+	}
+	ref := filepath.Join(t.TempDir(), "ref")
+	it.Apply(t, ref, a[0].Tar, a[1].Tar, a[2].Tar)
+	var want []string
+	filepath.Walk(ref, func(p string, _ os.FileInfo, err error) error {
+		if err == nil {
+			want = append(want, filepath.Join(c, "rootfs", strings.TrimPrefix(p, ref)))
+		}
+		return nil
+	})
+	sort.Strings(want)
+	got, _ := os.ReadFile(filepath.Join(dir, "tree.txt"))
+	if strings.TrimSpace(string(got)) != strings.Join(want, "\n") {
+		t.Errorf("rootless rootfs:\n%s\nwant:\n%s", got, strings.Join(want, "\n"))
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(filepath.Join(c, "up", "etc", "passwd"), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFCHR {
+		t.Errorf("upper etc/passwd: %v mode %o, want a whiteout", err, st.Mode)
 	}
 	meta, _ := os.ReadFile(filepath.Join(store, "store.json"))
 	if !strings.Contains(string(meta), `"xattr":"user"`) {
