@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -28,6 +29,7 @@ type mountFlags struct {
 	source     string
 	readyFd    int
 	logFile    string
+	cpuProfile string
 }
 
 func (f *mountFlags) register(fs *pflag.FlagSet) {
@@ -41,6 +43,7 @@ func (f *mountFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.logFile, "log-file", "", "daemon log file (default: discard once daemonized)")
 	fs.IntVar(&f.readyFd, "ready-fd", -1, "internal: report readiness on this fd")
 	_ = fs.MarkHidden("ready-fd")
+	fs.StringVar(&f.cpuProfile, "cpuprofile", "", "write a CPU profile of the server to FILE (with --foreground)")
 }
 
 const mountHelp = `Mounts a union of directories with the semantics of Linux overlayfs.
@@ -204,6 +207,19 @@ func serveForeground(ctx context.Context, e *env, f *mountFlags, o unionfs.Optio
 	}
 	o.Logger = log
 	o.NoSelfAccess = true
+	if f.cpuProfile != "" {
+		pf, err := os.Create(f.cpuProfile)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return err
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			pf.Close()
+		}()
+	}
 	srv, err := unionfs.Mount(mnt, o)
 	ready(f.readyFd, err)
 	if err != nil {
