@@ -103,7 +103,7 @@ func (c *Copier) build(ctx context.Context, srcDir int, srcName string, st *unix
 			return err
 		}
 	case unix.S_IFLNK:
-		target, err := readlinkat(srcDir, srcName)
+		target, err := sysx.Readlinkat(srcDir, srcName)
 		if err != nil {
 			return err
 		}
@@ -214,19 +214,5 @@ func (c *Copier) discard(tmp string, st *unix.Stat_t) {
 	}
 	if err := unix.Unlinkat(c.opts.WorkFd, tmp, flags); err != nil && !errors.Is(err, unix.ENOENT) {
 		c.log.Error("cannot remove copy-up leftover from work dir", "path", tmp, "err", err)
-	}
-}
-
-func readlinkat(dirfd int, name string) (string, error) {
-	buf := make([]byte, 256)
-	for {
-		n, err := unix.Readlinkat(dirfd, name, buf)
-		if err != nil {
-			return "", err
-		}
-		if n < len(buf) {
-			return string(buf[:n]), nil
-		}
-		buf = make([]byte, len(buf)*4)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"strata/cow"
+	"strata/internal/sysx"
 	"strata/unionfs"
 )
 
@@ -294,7 +295,7 @@ func (d *differ) target(li int, q string) (string, error) {
 	var t string
 	err := d.s.withParent(li, q, func(dirfd int, name string) error {
 		var err error
-		t, err = readlinkat(dirfd, name)
+		t, err = sysx.Readlinkat(dirfd, name)
 		return err
 	})
 	return t, err

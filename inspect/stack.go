@@ -11,6 +11,8 @@ import (
 
 	"strata/unionfs"
 	"strata/whiteout"
+
+	"strata/internal/sysx"
 )
 
 // ParseOptions parses mount options in the kernel's syntax, like
@@ -379,7 +381,7 @@ func (s *Stack) probeAt(li, dirfd int, name string) (Object, error) {
 	}
 	switch o.Kind {
 	case Symlink:
-		if o.Target, err = readlinkat(dirfd, name); err != nil {
+		if o.Target, err = sysx.Readlinkat(dirfd, name); err != nil {
 			return o, fmt.Errorf("%s: readlink %q: %w", s.layers[li], name, err)
 		}
 	case Dir:
@@ -445,18 +447,4 @@ func (s *Stack) withParent(li int, path string, fn func(dirfd int, name string) 
 	}
 	defer s.closeFd(li, dir)
 	return fn(dir, comps[len(comps)-1])
-}
-
-func readlinkat(dirfd int, name string) (string, error) {
-	buf := make([]byte, 256)
-	for {
-		n, err := unix.Readlinkat(dirfd, name, buf)
-		if err != nil {
-			return "", err
-		}
-		if n < len(buf) {
-			return string(buf[:n]), nil
-		}
-		buf = make([]byte, len(buf)*4)
-	}
 }

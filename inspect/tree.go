@@ -104,7 +104,7 @@ func (w *treeWalk) add(s *Stack, p string, li int, st *unix.Stat_t) error {
 		}
 		switch n.Type {
 		case "symlink":
-			n.Target, err = readlinkat(dirfd, name)
+			n.Target, err = sysx.Readlinkat(dirfd, name)
 		case "file":
 			var f *os.File
 			if f, err = openRead(dirfd, name); err == nil {
@@ -201,7 +201,7 @@ func dirTree(w *treeWalk, fd int, p string) error {
 		}
 		switch n.Type {
 		case "symlink":
-			if n.Target, err = readlinkat(fd, name); err != nil {
+			if n.Target, err = sysx.Readlinkat(fd, name); err != nil {
 				return fmt.Errorf("%s: %w", q, err)
 			}
 		case "file":

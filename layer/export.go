@@ -186,7 +186,7 @@ func (e *exporter) entry(dirfd int, rel, name string) error {
 		hdr.Typeflag, hdr.Size = tar.TypeReg, st.Size
 		return e.file(dirfd, name, hdr, &st)
 	case unix.S_IFLNK:
-		target, err := readlinkat(dirfd, name)
+		target, err := sysx.Readlinkat(dirfd, name)
 		if err != nil {
 			return fmt.Errorf("readlink %q: %w", path, err)
 		}
@@ -339,15 +339,3 @@ func readNames(dirfd int) ([]string, error) {
 }
 
 // readlinkat reads a symlink's target, whatever its length.
-func readlinkat(dirfd int, name string) (string, error) {
-	for size := 256; ; size *= 2 {
-		buf := make([]byte, size)
-		n, err := unix.Readlinkat(dirfd, name, buf)
-		if err != nil {
-			return "", err
-		}
-		if n < size {
-			return string(buf[:n]), nil
-		}
-	}
-}

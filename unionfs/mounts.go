@@ -66,8 +66,8 @@ func ParseMountInfo(r io.Reader) ([]MountInfo, error) {
 		if sep < 5 || len(f) < sep+4 {
 			continue
 		}
-		fstype, source, super := f[sep+1], unescapeMountinfo(f[sep+2]), f[sep+3]
-		m := MountInfo{Mountpoint: unescapeMountinfo(f[4]), Source: source, Super: unescapeMountinfo(super)}
+		fstype, source, super := f[sep+1], UnescapeMountinfo(f[sep+2]), f[sep+3]
+		m := MountInfo{Mountpoint: UnescapeMountinfo(f[4]), Source: source, Super: UnescapeMountinfo(super)}
 		if _, min, ok := strings.Cut(f[2], ":"); ok {
 			m.Minor, _ = strconv.ParseUint(min, 10, 32)
 		}
@@ -95,7 +95,7 @@ func overlayLayers(super string) Options {
 	o := Options{SquashUID: -1, SquashGID: -1}
 	for _, opt := range strings.Split(super, ",") {
 		k, v, _ := strings.Cut(opt, "=")
-		v = unescapeMountinfo(v)
+		v = UnescapeMountinfo(v)
 		switch k {
 		case "lowerdir+":
 			o.Lowers = append(o.Lowers, v)
@@ -116,8 +116,8 @@ func overlayLayers(super string) Options {
 	return o
 }
 
-// unescapeMountinfo undoes the octal escapes of mountinfo fields.
-func unescapeMountinfo(s string) string {
+// UnescapeMountinfo undoes the octal escapes of mountinfo fields (proc(5)).
+func UnescapeMountinfo(s string) string {
 	if !strings.Contains(s, `\`) {
 		return s
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
+	"strata/internal/sysx"
 	"strata/whiteout"
 )
 
@@ -353,17 +354,11 @@ func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 		return nil, s.toErrno(ctx, "readlink", n, err)
 	}
 	defer s.release(ref)
-	buf := make([]byte, 256)
-	for {
-		m, err := unix.Readlinkat(ref.fd, name, buf)
-		if err != nil {
-			return nil, s.toErrno(ctx, "readlink", n, err)
-		}
-		if m < len(buf) {
-			return buf[:m], 0
-		}
-		buf = make([]byte, 4*len(buf))
+	target, err := sysx.Readlinkat(ref.fd, name)
+	if err != nil {
+		return nil, s.toErrno(ctx, "readlink", n, err)
 	}
+	return []byte(target), 0
 }
 
 var _ = (fs.NodeStatfser)((*node)(nil))

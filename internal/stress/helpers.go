@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"strata/unionfs"
 )
 
 // LazyUnmount detaches whatever is mounted at mnt.
@@ -16,7 +18,7 @@ func LazyUnmount(mnt string) error { return unix.Unmount(mnt, unix.MNT_DETACH) }
 func MountinfoHas(mountinfo, mnt string) bool {
 	for _, line := range strings.Split(mountinfo, "\n") {
 		f := strings.Fields(line)
-		if len(f) > 4 && unescapeOctal(f[4]) == mnt {
+		if len(f) > 4 && unionfs.UnescapeMountinfo(f[4]) == mnt {
 			return true
 		}
 	}
@@ -27,24 +29,6 @@ func MountinfoHas(mountinfo, mnt string) bool {
 func IsMounted(mnt string) bool {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	return err == nil && MountinfoHas(string(b), mnt)
-}
-
-func unescapeOctal(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // FdCount counts the open fds of process pid ("self" for this one).

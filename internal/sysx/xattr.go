@@ -213,3 +213,19 @@ func SplitNames(buf []byte) []string {
 func IsNoAttr(err error) bool {
 	return errors.Is(err, unix.ENODATA) || errors.Is(err, unix.EOPNOTSUPP)
 }
+
+// Readlinkat returns the target of the symlink name in dirfd ("" for
+// dirfd itself, an O_PATH fd of the link), whatever its length.
+func Readlinkat(dirfd int, name string) (string, error) {
+	buf := make([]byte, 256)
+	for {
+		n, err := unix.Readlinkat(dirfd, name, buf)
+		if err != nil {
+			return "", err
+		}
+		if n < len(buf) {
+			return string(buf[:n]), nil
+		}
+		buf = make([]byte, len(buf)*4)
+	}
+}
