@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -106,20 +105,7 @@ func AbortFUSE(mnt string) error {
 // mount). fusectl need not be mounted at /sys/fs/fuse/connections (it is
 // not on this machine): a private instance is mounted for the write.
 func AbortFUSEConn(id uint64) error {
-	rel := filepath.Join(strconv.FormatUint(id, 10), "abort")
-	if err := os.WriteFile(filepath.Join("/sys/fs/fuse/connections", rel), []byte("1"), 0o200); err == nil {
-		return nil
-	}
-	dir, err := os.MkdirTemp("", "strata-fusectl-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(dir)
-	if err := unix.Mount("none", dir, "fusectl", 0, ""); err != nil {
-		return fmt.Errorf("mount fusectl: %w", err)
-	}
-	defer unix.Unmount(dir, unix.MNT_DETACH)
-	return os.WriteFile(filepath.Join(dir, rel), []byte("1"), 0o200)
+	return unionfs.AbortFUSE(unionfs.MountInfo{Minor: id})
 }
 
 // Config describes one stress run.
