@@ -148,22 +148,32 @@ func TestSmoke(t *testing.T) {
 		if e.Command == "" {
 			t.Errorf("engine %s: no mount command in the header", e.Name)
 		}
+		var want [][2]string // (workload, mode) of the default matrix
 		for _, w := range workloads {
 			for _, mode := range w.modes {
-				x := got[w.name+"/"+mode+"/"+e.Name]
+				want = append(want, [2]string{w.name, mode})
+			}
+			if fu := w.followUp; fu != nil {
+				want = append(want, [2]string{fu.workload, fu.mode})
+			}
+		}
+		for _, wm := range want {
+			{
+				name, mode := wm[0], wm[1]
+				x := got[name+"/"+mode+"/"+e.Name]
 				switch {
 				case x == nil:
-					t.Errorf("%s %s %s: no result", w.name, mode, e.Name)
+					t.Errorf("%s %s %s: no result", name, mode, e.Name)
 				case x.Failed > 0 || x.N != 1:
-					t.Errorf("%s %s %s: %d ok, %d failed: %s", w.name, mode, e.Name, x.N, x.Failed, x.Note)
+					t.Errorf("%s %s %s: %d ok, %d failed: %s", name, mode, e.Name, x.N, x.Failed, x.Note)
 				case x.Ops <= 0:
-					t.Errorf("%s %s %s: did nothing (ops %d)", w.name, mode, e.Name, x.Ops)
+					t.Errorf("%s %s %s: did nothing (ops %d)", name, mode, e.Name, x.Ops)
 				case x.Mismatch != "" && strings.HasPrefix(e.Name, "strata"):
 					// A count that differs from kernel overlay's (entries
 					// walked, files read) means strata shows another tree.
-					t.Errorf("%s %s %s: %s", w.name, mode, e.Name, x.Mismatch)
+					t.Errorf("%s %s %s: %s", name, mode, e.Name, x.Mismatch)
 				case x.Note != "":
-					t.Logf("%s %s %s: %s", w.name, mode, e.Name, x.Note)
+					t.Logf("%s %s %s: %s", name, mode, e.Name, x.Note)
 				}
 			}
 		}

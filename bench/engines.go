@@ -69,8 +69,9 @@ type engine interface {
 	mount(ctx context.Context, h *harness, in *instance) error
 	// unmount unmounts in (if mounted) and waits for its server to exit.
 	unmount(ctx context.Context, h *harness, in *instance) error
-	// cleanup removes what setup made, after the workload w ran.
-	cleanup(h *harness, in *instance, w *workload) error
+	// cleanup removes what setup made, after the workload w ran (and
+	// failed, if failed is set).
+	cleanup(h *harness, in *instance, w *workload, failed bool) error
 	// command is the mount command, with $FIX and $RUN for the fixture and
 	// run dirs, for the report header.
 	command() string
@@ -208,7 +209,9 @@ func (e *kernelEngine) unmount(_ context.Context, h *harness, in *instance) erro
 	return nil
 }
 
-func (*kernelEngine) cleanup(_ *harness, in *instance, _ *workload) error { return removeInstance(in) }
+func (*kernelEngine) cleanup(_ *harness, in *instance, _ *workload, _ bool) error {
+	return removeInstance(in)
+}
 
 // strataEngine is strata's FUSE server, mounted by root or, when rootless is
 // set, by that user through fusermount3.
@@ -258,7 +261,9 @@ func (e *strataEngine) unmount(ctx context.Context, h *harness, in *instance) er
 	return unmountFUSE(ctx, h, in, e.rootless, h.strataBin, "umount", in.mnt)
 }
 
-func (*strataEngine) cleanup(_ *harness, in *instance, _ *workload) error { return removeInstance(in) }
+func (*strataEngine) cleanup(_ *harness, in *instance, _ *workload, _ bool) error {
+	return removeInstance(in)
+}
 
 // status returns what "strata status" (run as the mounting user, who alone
 // knows a FUSE mount's layers) says about in: its engine and xattr format,
@@ -327,16 +332,17 @@ func (e *fuseOverlayEngine) unmount(ctx context.Context, h *harness, in *instanc
 	return unmountFUSE(ctx, h, in, nil, "fusermount3", "-u", in.mnt)
 }
 
-func (*fuseOverlayEngine) cleanup(_ *harness, in *instance, _ *workload) error {
+func (*fuseOverlayEngine) cleanup(_ *harness, in *instance, _ *workload, _ bool) error {
 	return removeInstance(in)
 }
 
 // plainEngine is no union at all: a hard-link farm of the fixture's plain
 // copy of the merged tree, the floor every engine is measured against.
-// Building the farm takes about a second, so it is kept across runs and
-// rebuilt only after a workload that changed it. Hard links share inodes
-// with the plain copy, so the one workload that writes into an existing
-// file (copy-up's append) gets its file truncated back afterwards.
+// Building the farm takes a second or more, so it is kept across runs:
+// after a workload that changed it, the workload's undo reverts the
+// change, and only a failed run or a failed undo makes a new farm. Hard
+// links share inodes with the plain copy, so the one workload that writes
+// into an existing file (copy-up's append) gets its file truncated back.
 type plainEngine struct {
 	farm  string
 	dirty bool
@@ -394,7 +400,7 @@ func (e *plainEngine) rebuild(ctx context.Context, h *harness) error {
 func (*plainEngine) mount(context.Context, *harness, *instance) error   { return nil }
 func (*plainEngine) unmount(context.Context, *harness, *instance) error { return nil }
 
-func (e *plainEngine) cleanup(_ *harness, _ *instance, w *workload) error {
+func (e *plainEngine) cleanup(h *harness, _ *instance, w *workload, failed bool) error {
 	var errs []error
 	for p, size := range e.restore {
 		if err := os.Truncate(filepath.Join(e.farm, p), size); err != nil {
@@ -402,8 +408,17 @@ func (e *plainEngine) cleanup(_ *harness, _ *instance, w *workload) error {
 		}
 	}
 	e.restore = nil
-	if w.mutates {
+	switch {
+	case !w.mutates:
+	case failed || w.undo == nil:
 		e.dirty = true
+	default:
+		// Undo is far cheaper than a new farm (and deletes less: on
+		// ext4, creating files right after mass deletions is slow).
+		if err := w.undo(e.farm, h.fix.plainDir(), &h.fix.m); err != nil {
+			fmt.Fprintf(h.log, "warning: undo %s in plain's tree: %v; rebuilding it\n", w.name, err)
+			e.dirty = true
+		}
 	}
 	return errors.Join(errs...)
 }

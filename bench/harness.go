@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -58,14 +57,17 @@ func runHarness(ctx context.Context, cfg config, logw io.Writer) (rep *report, e
 		return nil, err
 	}
 	defer unlock()
-	// Only we use workDir now: a mount left there was leaked by a killed run.
-	for _, p := range mountsUnder(cfg.workDir) {
-		fmt.Fprintf(logw, "warning: unmounting %s, left by an earlier run\n", p)
-		unmountPath(p, logw)
-	}
-	if olds, _ := filepath.Glob(filepath.Join(cfg.workDir, "run-*")); len(olds) > 0 && len(mountsUnder(cfg.workDir)) == 0 {
-		for _, o := range olds {
-			os.RemoveAll(o)
+	// We hold the lock, so a run dir left in workDir belongs to a killed
+	// run: unmount what it left mounted and remove it. Only our own run-*
+	// dirs: workDir itself may hold anything (say, -workdir /tmp).
+	olds, _ := filepath.Glob(filepath.Join(cfg.workDir, "run-*"))
+	for _, old := range olds {
+		for _, p := range mountsUnder(old) {
+			fmt.Fprintf(logw, "warning: unmounting %s, left by an earlier run\n", p)
+			unmountPath(p, logw)
+		}
+		if len(mountsUnder(old)) == 0 {
+			os.RemoveAll(old)
 		}
 	}
 
@@ -228,7 +230,11 @@ func (h *harness) setupEngines(ctx context.Context) error {
 	}
 	if slices.Contains(want, engStrataRootless) {
 		if err := h.fuseDev.open(); err != nil {
-			return err
+			if h.cfg.explicitEngines {
+				return err
+			}
+			h.skipped[engStrataRootless] = err.Error()
+			want = slices.DeleteFunc(slices.Clone(want), func(n string) bool { return n == engStrataRootless })
 		}
 	}
 	for _, name := range want {
@@ -269,7 +275,7 @@ func (h *harness) strataBinary(ctx context.Context) (string, error) {
 	}
 	goBin, err := exec.LookPath("go")
 	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+		return "", fmt.Errorf("build strata: %w (or pass -strata PATH)", err)
 	}
 	dst := filepath.Join(h.runDir, "bin", "strata")
 	fmt.Fprintf(h.log, "building strata from %s\n", root)
@@ -305,35 +311,76 @@ func repoRoot() (string, error) {
 func (h *harness) runAll(ctx context.Context, rep *report) error {
 	total := 0
 	for _, w := range h.cfg.workloads {
-		total += len(h.modesOf(w)) * len(h.engines)
+		n := len(h.modesOf(w))
+		if h.followUpOf(w) != nil {
+			n *= 2
+		}
+		total += n * len(h.engines)
 	}
 	total *= h.cfg.reps
 	done := 0
 	start := time.Now()
+	progress := func(r int, w, mode, engine string, res workerResult, err error) sample {
+		s := sample{Seconds: res.Seconds, Ops: res.Ops, Bytes: res.Bytes, Busy: res.Busy}
+		status := fmt.Sprintf("%.3fs", res.Seconds)
+		if res.Busy > busyWarn {
+			status += fmt.Sprintf(" (others kept the CPUs %.0f%% busy just before)", 100*res.Busy)
+		}
+		if err != nil {
+			s.Err = err.Error()
+			status = "FAILED: " + s.Err
+		}
+		fmt.Fprintf(h.log, "[%d/%d %s] rep %d %s %s %s: %s\n", done, total,
+			time.Since(start).Round(time.Second), r, w, mode, engine, status)
+		return s
+	}
 	for r := 1; r <= h.cfg.reps; r++ {
 		for _, w := range h.cfg.workloads {
 			for _, mode := range h.modesOf(w) {
+				fu := h.followUpOf(w)
 				for i := range h.engines {
 					e := h.engines[(i+r-1)%len(h.engines)]
 					if err := ctx.Err(); err != nil {
 						return err
 					}
-					res, err := h.runOne(ctx, e, w, mode, r)
+					res, err := h.runOne(ctx, e, w, mode, r, fu != nil)
 					done++
-					s := sample{Seconds: res.Seconds, Ops: res.Ops, Bytes: res.Bytes, Busy: res.Busy}
-					status := fmt.Sprintf("%.3fs", res.Seconds)
-					if res.Busy > busyWarn {
-						status += fmt.Sprintf(" (others kept the CPUs %.0f%% busy just before)", 100*res.Busy)
+					rep.add(w, mode, e.name(), progress(r, w.name, mode, e.name(), res, err))
+					if fu != nil {
+						var fres workerResult
+						var ferr error
+						switch {
+						case err != nil:
+							ferr = fmt.Errorf("not run: %s failed", w.name)
+						case res.FollowUp == nil:
+							ferr = errors.New("the worker returned no follow-up result")
+						default:
+							fres = *res.FollowUp
+							fres.Busy = res.Busy
+							if fres.Err != "" {
+								ferr = errors.New(fres.Err)
+							}
+						}
+						done++
+						fw, _ := findWorkload(fu.workload)
+						rep.add(fw, fu.mode, e.name(), progress(r, fu.workload, fu.mode, e.name(), fres, ferr))
 					}
-					if err != nil {
-						s.Err = err.Error()
-						status = "FAILED: " + s.Err
-					}
-					rep.add(w, mode, e.name(), s)
-					fmt.Fprintf(h.log, "[%d/%d %s] rep %d %s %s %s: %s\n", done, total,
-						time.Since(start).Round(time.Second), r, w.name, mode, e.name(), status)
 				}
 			}
+		}
+	}
+	return nil
+}
+
+// followUpOf returns w's follow-up if its workload and mode were selected.
+func (h *harness) followUpOf(w *workload) *followUp {
+	fu := w.followUp
+	if fu == nil || !slices.Contains(h.cfg.modes, fu.mode) {
+		return nil
+	}
+	for _, x := range h.cfg.workloads {
+		if x.name == fu.workload {
+			return fu
 		}
 	}
 	return nil
@@ -354,7 +401,7 @@ func (h *harness) modesOf(w *workload) []string {
 // runOne makes one measurement: a fresh instance, the workload's inputs,
 // sync (and in cold mode, dropped caches), a fresh mount, the worker, then
 // unmount and cleanup, which run even when the context is cancelled.
-func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string, r int) (res workerResult, err error) {
+func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string, r int, follow bool) (res workerResult, err error) {
 	ph := phases{last: time.Now()}
 	dir := filepath.Join(h.runDir, "inst", fmt.Sprintf("%s-%s-%s-%d", e.name(), w.name, mode, r))
 	in, err := e.setup(ctx, h, dir, w)
@@ -369,7 +416,7 @@ func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string
 		}
 		reapOrphans()
 		ph.mark("unmount")
-		if cerr := e.cleanup(h, in, w); cerr != nil {
+		if cerr := e.cleanup(h, in, w, err != nil); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("cleanup: %w", cerr))
 		}
 		ph.mark("cleanup")
@@ -378,7 +425,7 @@ func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string
 		}
 	}()
 	if w.prepare != nil {
-		if _, err := h.worker(ctx, e.user(), w, "prepare", mode, in.writable, in.writable); err != nil {
+		if _, err := h.worker(ctx, e.user(), w, "prepare", mode, in.writable, in.writable, false); err != nil {
 			return res, fmt.Errorf("prepare: %w", err)
 		}
 		ph.mark("prepare")
@@ -406,7 +453,7 @@ func (h *harness) runOne(ctx context.Context, e engine, w *workload, mode string
 	}
 	busy := h.otherLoad(ctx)
 	ph.mark("load-sample")
-	res, err = h.worker(ctx, e.user(), w, "run", mode, in.mnt, in.upper)
+	res, err = h.worker(ctx, e.user(), w, "run", mode, in.mnt, in.upper, follow)
 	ph.mark("worker")
 	res.Busy = busy
 	if errors.Is(err, errWorkerTimeout) && in.mounted && isFUSE(e) {
@@ -459,12 +506,12 @@ func isFUSE(e engine) bool {
 
 // worker runs one phase of w in a worker process as c, with the per-run
 // timeout, and returns its result.
-func (h *harness) worker(ctx context.Context, c *cred, w *workload, phase, mode, dir, syncDir string) (workerResult, error) {
+func (h *harness) worker(ctx context.Context, c *cred, w *workload, phase, mode, dir, syncDir string, follow bool) (workerResult, error) {
 	var res workerResult
 	ctx, cancel := context.WithTimeout(ctx, h.cfg.timeout)
 	defer cancel()
 	argv := c.wrap([]string{h.workerBin, "worker", "-workload", w.name, "-phase", phase, "-mode", mode,
-		"-dir", dir, "-fixture", h.fix.dir, "-sync-dir", syncDir})
+		"-dir", dir, "-fixture", h.fix.dir, "-sync-dir", syncDir, "-follow-up=" + strconv.FormatBool(follow)})
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Env, cmd.Dir = h.workerEnv, "/"
 	// Its own process group, killed as a whole on timeout or interrupt:

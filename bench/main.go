@@ -110,7 +110,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 		workDirFl = fl.String("workdir", "/var/tmp/strata-bench", "where the fixture is cached and mounts are made (must be world-searchable for the rootless engine)")
 	)
 	fl.BoolVar(&cfg.verbose, "v", false, "log how long each phase of each run took")
-	fl.BoolVar(&cfg.allModes, "all-modes", false, "also run the modes left out by default (rm-rf cold; untar, rename, unlink warm)")
+	fl.BoolVar(&cfg.allModes, "all-modes", false, "also run the modes left out by default (copyup, untar, rename, unlink warm; rm-rf cold)")
 	fl.DurationVar(&cfg.waitIdle, "wait-idle", 0, "before each run, wait up to this long for other processes to leave the CPUs idle (0: do not wait)")
 	fl.StringVar(&cfg.strata, "strata", "", "strata binary to measure (default: go build the repository's)")
 	fl.StringVar(&cfg.format, "format", "text", "report format: text, csv or json")
@@ -129,6 +129,9 @@ func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 		fmt.Fprintf(stdout, "engines: %s\n\nworkloads:\n", strings.Join(allEngines, ", "))
 		for _, w := range workloads {
 			ms := strings.Join(w.modes, ",")
+			if w.name == "rm-rf" {
+				ms = "warm, after create"
+			}
 			if len(w.moreModes) > 0 {
 				ms += " (+" + strings.Join(w.moreModes, ",") + ")"
 			}
@@ -170,9 +173,14 @@ func parseFlags(args []string, stdout, stderr io.Writer) (config, error) {
 			return cfg, err
 		}
 	}
-	for _, n := range picked {
-		w, _ := findWorkload(n)
-		cfg.workloads = append(cfg.workloads, w)
+	// rm-rf's default (warm) measurement is create's follow-up.
+	if slices.Contains(picked, "rm-rf") && !slices.Contains(picked, "create") {
+		picked = append(picked, "create")
+	}
+	for _, w := range workloads {
+		if slices.Contains(picked, w.name) {
+			cfg.workloads = append(cfg.workloads, w)
+		}
 	}
 	if cfg.modes, err = pickList("mode", *modes, bothModes); err != nil {
 		return cfg, err

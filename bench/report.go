@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -185,6 +186,18 @@ func (r *report) finish() {
 			r.Header.Busy += " (their notes say so): those timings include someone else's load"
 		}
 	}
+	// Rows in workload, mode, engine order, whatever order they ran in
+	// (follow-ups run inside another workload's slot).
+	sort.SliceStable(r.Rows, func(i, j int) bool {
+		a, b := r.Rows[i], r.Rows[j]
+		if wa, wb := workloadIndex(a.Workload), workloadIndex(b.Workload); wa != wb {
+			return wa < wb
+		}
+		if a.Mode != b.Mode {
+			return a.Mode == modeCold
+		}
+		return slices.Index(allEngines, a.Engine) < slices.Index(allEngines, b.Engine)
+	})
 	base := map[string]*row{}
 	for _, x := range r.Rows {
 		x.summarize()
@@ -207,6 +220,10 @@ func (r *report) finish() {
 			x.Note = joinNote(x.Mismatch, x.Note)
 		}
 	}
+}
+
+func workloadIndex(name string) int {
+	return slices.IndexFunc(workloads, func(w *workload) bool { return w.name == name })
 }
 
 func joinNote(a, b string) string {

@@ -14,6 +14,11 @@ type workerResult struct {
 	Seconds float64 `json:"seconds"`
 	Ops     int64   `json:"ops"`
 	Bytes   int64   `json:"bytes"`
+	// Err is set only in FollowUp: a failed follow-up leaves the main
+	// measurement valid, so the worker reports it and succeeds.
+	Err string `json:"error,omitempty"`
+	// FollowUp is the workload's follow-up step, when asked for.
+	FollowUp *workerResult `json:"follow_up,omitempty"`
 	// Busy is set by the harness, not the worker: see otherLoad.
 	Busy float64 `json:"-"`
 }
@@ -32,11 +37,12 @@ func workerMain(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		dir     = fl.String("dir", "", "mount point (run) or writable layer (prepare)")
 		fixDir  = fl.String("fixture", "", "fixture directory")
 		syncDir = fl.String("sync-dir", "", "upper dir behind the mount, for syncfs")
+		follow  = fl.Bool("follow-up", false, "also time the workload's follow-up step")
 	)
 	if err := fl.Parse(args); err != nil {
 		return 2
 	}
-	res, err := runWorker(ctx, *name, *phase, *mode, *dir, *fixDir, *syncDir)
+	res, err := runWorker(ctx, *name, *phase, *mode, *dir, *fixDir, *syncDir, *follow)
 	if err != nil {
 		fmt.Fprintf(stderr, "bench worker %s/%s/%s: %v\n", *name, *phase, *mode, err)
 		return 1
@@ -48,7 +54,7 @@ func workerMain(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	return 0
 }
 
-func runWorker(ctx context.Context, name, phase, mode, dir, fixDir, syncDir string) (workerResult, error) {
+func runWorker(ctx context.Context, name, phase, mode, dir, fixDir, syncDir string, follow bool) (workerResult, error) {
 	var res workerResult
 	w, err := findWorkload(name)
 	if err != nil {
@@ -90,5 +96,14 @@ func runWorker(ctx context.Context, name, phase, mode, dir, fixDir, syncDir stri
 	n, err := w.run(c)
 	res.Seconds = time.Since(start).Seconds()
 	res.Ops, res.Bytes = n.ops, n.bytes
-	return res, err
+	if err != nil || !follow || w.followUp == nil {
+		return res, err
+	}
+	start = time.Now()
+	n, err = w.followUp.run(c)
+	res.FollowUp = &workerResult{Seconds: time.Since(start).Seconds(), Ops: n.ops, Bytes: n.bytes}
+	if err != nil {
+		res.FollowUp.Err = err.Error()
+	}
+	return res, nil
 }

@@ -47,10 +47,24 @@ type workload struct {
 	// prepare, if set, writes the workload's input into the writable layer
 	// (the upper dir, or plain's tree) before the mount is made.
 	prepare func(c *wctx) error
+	// followUp, if set, is a second timed step in the same mount right
+	// after run, recorded as another workload's sample.
+	followUp *followUp
+	// undo, if set, reverts the workload's changes to plain's hard-link
+	// farm (given the plain copy it links to), so the farm need not be
+	// rebuilt; a mutating workload without undo makes plain rebuild it.
+	undo func(farm, plainCopy string, m *manifest) error
 	// warm, if set, is the warm-up of warm mode; nil runs the workload.
 	warm func(c *wctx) error
 	run  func(c *wctx) (count, error)
 	unit string // what count.ops counts
+}
+
+// followUp is a timed step that continues a workload's run in the same
+// mount, measured as the sample of workload in mode.
+type followUp struct {
+	workload, mode string
+	run            func(c *wctx) (count, error)
 }
 
 // inPlacePaths returns w.inPlace(m), or nothing.
@@ -99,26 +113,32 @@ var workloads = []*workload{
 		run:  func(c *wctx) (count, error) { return readTree(c.path(c.m.Repo)) }},
 	{name: "seqwrite", unit: "bytes", modes: coldOnly, mutates: true,
 		desc: "write a new file of the big file's size in 1 MiB writes, then fsync",
-		run:  seqWrite},
-	{name: "copyup", unit: "bytes", modes: bothModes, mutates: true, inPlace: bigOnly,
+		run:  seqWrite, undo: removeNew("seqwrite.bin")},
+	{name: "copyup", unit: "bytes", modes: coldOnly, moreModes: warmOnly, mutates: true, inPlace: bigOnly,
 		desc: "append 1 byte to the big lower file (a full copy-up); warm reads the file first",
-		warm: warmBig, run: func(c *wctx) (count, error) { return appendByte(c, false) }},
+		warm: warmBig, run: func(c *wctx) (count, error) { return appendByte(c, false) }, undo: nothingToUndo},
 	{name: "copyup-syncfs", unit: "bytes", modes: coldOnly, mutates: true, inPlace: bigOnly,
 		desc: "copyup, then syncfs of the mount and of the upper dir's filesystem",
-		run:  func(c *wctx) (count, error) { return appendByte(c, true) }},
+		run:  func(c *wctx) (count, error) { return appendByte(c, true) }, undo: nothingToUndo},
 	{name: "create", unit: "files", modes: coldOnly, mutates: true,
 		desc: "create 4 KiB files, 100 per new directory",
 		run: func(c *wctx) (count, error) {
 			n := c.m.Profile.CreateFiles
 			return count{ops: int64(n), bytes: int64(n) * 4 * kib}, createFiles(c.path("create"), n)
+		},
+		followUp: &followUp{workload: "rm-rf", mode: modeWarm, run: func(c *wctx) (count, error) {
+			return count{ops: int64(c.m.Profile.CreateFiles)}, execTool(c, "/", "rm", "-rf", c.path("create"))
 		}},
-	{name: "rm-rf", unit: "files", modes: warmOnly, moreModes: coldOnly, mutates: true,
-		desc:    "exec rm -rf of a create-sized tree put in the upper dir before mounting; warm walks it first",
+		undo: removeNew("create")},
+	// rm-rf warm is create's follow-up: rm -rf of the files create just
+	// made, in the same mount. Its own run is the cold variant.
+	{name: "rm-rf", unit: "files", moreModes: coldOnly, mutates: true,
+		desc:    "exec rm -rf of create's files right after create, same mount (warm); cold: of such a tree written into the upper dir before mounting",
 		prepare: func(c *wctx) error { return createFiles(c.path("rmrf"), c.m.Profile.CreateFiles) },
-		warm:    func(c *wctx) error { _, err := statWalk(c.path("rmrf")); return err },
 		run: func(c *wctx) (count, error) {
 			return count{ops: int64(c.m.Profile.CreateFiles)}, execTool(c, "/", "rm", "-rf", c.path("rmrf"))
-		}},
+		},
+		undo: removeNew("rmrf")},
 	{name: "untar", unit: "files", modes: coldOnly, moreModes: warmOnly, mutates: true,
 		desc: "exec tar -xf of the fixture's archive into a new dir; warm reads the archive first",
 		warm: func(c *wctx) error {
@@ -131,18 +151,36 @@ var workloads = []*workload{
 				return count{}, err
 			}
 			return count{ops: int64(c.m.TarFiles)}, execTool(c, "/", "tar", "-xf", filepath.Join(c.fixDir, c.m.Tar), "-C", dst)
-		}},
+		},
+		undo: removeNew("untar")},
 	{name: "rename", unit: "files", modes: coldOnly, moreModes: warmOnly, mutates: true,
 		desc: "rename lower files within their directory (copy-up + whiteout each); warm lstats them first",
 		warm: func(c *wctx) error { return lstatTargets(c, c.m.Profile.RenameFiles) },
 		run: func(c *wctx) (count, error) {
 			return forTargets(c, c.m.Profile.RenameFiles, func(p string) error { return os.Rename(p, p+".renamed") })
+		},
+		undo: func(farm, _ string, m *manifest) error {
+			for _, t := range m.Targets[:min(m.Profile.RenameFiles, len(m.Targets))] {
+				p := filepath.Join(farm, t)
+				if err := os.Rename(p+".renamed", p); err != nil {
+					return err
+				}
+			}
+			return nil
 		}},
 	{name: "unlink", unit: "files", modes: coldOnly, moreModes: warmOnly, mutates: true,
 		desc: "unlink lower files (a whiteout each); warm lstats them first",
 		warm: func(c *wctx) error { return lstatTargets(c, c.m.Profile.UnlinkFiles) },
 		run: func(c *wctx) (count, error) {
 			return forTargets(c, c.m.Profile.UnlinkFiles, func(p string) error { return unix.Unlink(p) })
+		},
+		undo: func(farm, plainCopy string, m *manifest) error {
+			for _, t := range m.Targets[:min(m.Profile.UnlinkFiles, len(m.Targets))] {
+				if err := os.Link(filepath.Join(plainCopy, t), filepath.Join(farm, t)); err != nil {
+					return err
+				}
+			}
+			return nil
 		}},
 }
 
@@ -157,6 +195,15 @@ func findWorkload(name string) (*workload, error) {
 }
 
 func bigOnly(m *manifest) []string { return []string{m.BigFile} }
+
+// removeNew returns an undo that removes the tree a workload added.
+func removeNew(rel string) func(farm, _ string, _ *manifest) error {
+	return func(farm, _ string, _ *manifest) error { return os.RemoveAll(filepath.Join(farm, rel)) }
+}
+
+// nothingToUndo is the undo of a workload whose only change plain reverts
+// anyway (an in-place write, truncated back).
+func nothingToUndo(string, string, *manifest) error { return nil }
 
 // statWalk reads every directory under root and lstats each entry (with
 // fstatat on the directory's fd), returning the number of entries.
