@@ -143,13 +143,19 @@ func Create(dirfd int, name string) error {
 // this form; image tools do, and strata's tests use it to build lower layers.
 // The caller marks the directory with [SetOpacity](…, XattrWhiteouts).
 func CreateXattr(dirfd int, name string, ns NS) error {
-	fd, err := unix.Openat(dirfd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	// Writable until the attribute is set: without CAP_DAC_OVERRIDE, a
+	// user.* attribute needs write permission on the file (its owner's
+	// too); the whiteout keeps mode 0 as before.
+	fd, err := unix.Openat(dirfd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return fmt.Errorf("create xattr whiteout %q: %w", name, err)
 	}
 	defer unix.Close(fd)
 	if err := unix.Fsetxattr(fd, ns.Whiteout(), nil, 0); err != nil {
 		return fmt.Errorf("create xattr whiteout %q: set %s: %w", name, ns.Whiteout(), err)
+	}
+	if err := unix.Fchmod(fd, 0); err != nil {
+		return fmt.Errorf("create xattr whiteout %q: %w", name, err)
 	}
 	return nil
 }
@@ -205,6 +211,14 @@ func GetOpacity(dirfd int, name string, ns NS) (Opacity, error) {
 	case errors.Is(err, unix.ENODATA), errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.ERANGE):
 		// ERANGE: a value longer than 8 bytes is not "y" or "x".
 		return NotOpaque, nil
+	case errors.Is(err, unix.EACCES):
+		// No read permission on the directory (an unprivileged mounter
+		// on a mode-0 one): its names can still be listed, and without
+		// the attribute it is not opaque. A value that cannot be read
+		// stays an error.
+		if ok, lerr := listed(dirfd, name, ns.Opaque()); lerr == nil && !ok {
+			return NotOpaque, nil
+		}
 	}
 	return NotOpaque, fmt.Errorf("read %s of %q: %w", ns.Opaque(), name, err)
 }
@@ -255,6 +269,27 @@ func hasXattr(dirfd int, name, attr string) (bool, error) {
 		return true, nil
 	case sysx.IsNoAttr(err):
 		return false, nil
+	case errors.Is(err, unix.EACCES):
+		// Reading a user.* attribute needs read permission on the
+		// entry (an unprivileged mounter lacks it on a mode-0 file, even
+		// its own); listing the names does not, and presence is all that
+		// counts here (the kernel asks for the size only).
+		return listed(dirfd, name, attr)
 	}
 	return false, err
+}
+
+// listed reports whether attr is among the attribute names of name in
+// dirfd.
+func listed(dirfd int, name, attr string) (bool, error) {
+	names, err := sysx.ListxattrAll(dirfd, name)
+	if err != nil {
+		return false, err
+	}
+	for _, n := range names {
+		if n == attr {
+			return true, nil
+		}
+	}
+	return false, nil
 }

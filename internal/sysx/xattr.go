@@ -31,6 +31,15 @@ func atArgs(name string) (string, int) {
 	return name, unix.AT_SYMLINK_NOFOLLOW
 }
 
+// selfDenied reports whether an *xattrat call on dirfd itself failed
+// only because "." is looked up in it: that needs search permission on
+// the directory, which its owner lacks without CAP_DAC_OVERRIDE when the
+// mode denies it (an unprivileged mounter on a mode-0 lower directory).
+// The /proc/self/fd path reaches the directory without a lookup in it.
+func selfDenied(name string, e unix.Errno) bool {
+	return e == unix.EACCES && (name == "" || name == ".")
+}
+
 // procPath names the entry name of dirfd through procfs, for the fallback
 // path of kernels before 6.13.
 func procPath(dirfd int, name string) string {
@@ -65,13 +74,15 @@ func Getxattr(dirfd int, name, attr string, dest []byte) (int, error) {
 		args := xattrArgs{value: bytePtr(dest), size: uint32(len(dest))}
 		r, _, e := unix.Syscall6(unix.SYS_GETXATTRAT, uintptr(dirfd), uintptr(unsafe.Pointer(p0)), uintptr(flags),
 			uintptr(unsafe.Pointer(p1)), uintptr(unsafe.Pointer(&args)), unsafe.Sizeof(args))
-		if e != unix.ENOSYS {
+		if e != unix.ENOSYS && !selfDenied(name, e) {
 			if e != 0 {
 				return 0, e
 			}
 			return int(r), nil
 		}
-		noXattrAt.Store(true)
+		if e == unix.ENOSYS {
+			noXattrAt.Store(true)
+		}
 	}
 	return unix.Lgetxattr(procPath(dirfd, name), attr, dest)
 }
@@ -92,13 +103,15 @@ func Setxattr(dirfd int, name, attr string, data []byte, flags int) error {
 		args := xattrArgs{value: bytePtr(data), size: uint32(len(data)), flags: uint32(flags)}
 		_, _, e := unix.Syscall6(unix.SYS_SETXATTRAT, uintptr(dirfd), uintptr(unsafe.Pointer(p0)), uintptr(atf),
 			uintptr(unsafe.Pointer(p1)), uintptr(unsafe.Pointer(&args)), unsafe.Sizeof(args))
-		if e != unix.ENOSYS {
+		if e != unix.ENOSYS && !selfDenied(name, e) {
 			if e != 0 {
 				return e
 			}
 			return nil
 		}
-		noXattrAt.Store(true)
+		if e == unix.ENOSYS {
+			noXattrAt.Store(true)
+		}
 	}
 	return unix.Lsetxattr(procPath(dirfd, name), attr, data, flags)
 }
@@ -117,13 +130,15 @@ func Removexattr(dirfd int, name, attr string) error {
 		}
 		_, _, e := unix.Syscall6(unix.SYS_REMOVEXATTRAT, uintptr(dirfd), uintptr(unsafe.Pointer(p0)), uintptr(atf),
 			uintptr(unsafe.Pointer(p1)), 0, 0)
-		if e != unix.ENOSYS {
+		if e != unix.ENOSYS && !selfDenied(name, e) {
 			if e != 0 {
 				return e
 			}
 			return nil
 		}
-		noXattrAt.Store(true)
+		if e == unix.ENOSYS {
+			noXattrAt.Store(true)
+		}
 	}
 	return unix.Lremovexattr(procPath(dirfd, name), attr)
 }
@@ -140,13 +155,15 @@ func Listxattr(dirfd int, name string, dest []byte) (int, error) {
 		}
 		r, _, e := unix.Syscall6(unix.SYS_LISTXATTRAT, uintptr(dirfd), uintptr(unsafe.Pointer(p0)), uintptr(atf),
 			uintptr(bytePtr(dest)), uintptr(len(dest)), 0)
-		if e != unix.ENOSYS {
+		if e != unix.ENOSYS && !selfDenied(name, e) {
 			if e != 0 {
 				return 0, e
 			}
 			return int(r), nil
 		}
-		noXattrAt.Store(true)
+		if e == unix.ENOSYS {
+			noXattrAt.Store(true)
+		}
 	}
 	return unix.Llistxattr(procPath(dirfd, name), dest)
 }
