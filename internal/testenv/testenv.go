@@ -7,6 +7,7 @@ package testenv
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -118,6 +119,11 @@ func RequireKernelOverlay(t testing.TB) {
 			}
 		}
 		data := "lowerdir=" + dir + "/l,upperdir=" + dir + "/u,workdir=" + dir + "/w"
+		if !initialUserNS() {
+			// Root of a user namespace: trusted.* is out of reach, so
+			// the overlay mounts tests make there use userxattr.
+			data += ",userxattr"
+		}
 		if err := unix.Mount("overlay", dir+"/m", "overlay", 0, data); err != nil {
 			return "mount -t overlay: " + err.Error()
 		}
@@ -128,7 +134,11 @@ func RequireKernelOverlay(t testing.TB) {
 	}))
 }
 
-// RequireRoot checks that the test runs as root.
+// RequireRoot checks that the test runs as root: euid 0. Root of a user
+// namespace passes too: it may mount kernel overlay (with userxattr) and
+// FUSE there, but not chown to unmapped ids, make device nodes or write
+// trusted.* xattrs; tests that need trusted.* also ask for
+// [RequireTrustedXattr].
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	reason := ""
@@ -136,6 +146,17 @@ func RequireRoot(t testing.TB) {
 		reason = "not root"
 	}
 	Need(t, "root", reason)
+}
+
+// initialUserNS reports whether this process runs in the initial user
+// namespace (its uid map is the identity over the whole range).
+func initialUserNS() bool {
+	b, err := os.ReadFile("/proc/self/uid_map")
+	if err != nil {
+		return true
+	}
+	f := strings.Fields(string(b))
+	return len(f) == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295"
 }
 
 func lookPath(name string) (string, error) {

@@ -46,4 +46,8 @@
 // sets it to 0 for the daemon anyway, so cases pass modes explicitly.
 // STRATA_DIFF_SUBJECT=kernel makes [Run] compare kernel overlay with
 // itself, which must show no difference at all (a check of the harness).
+//
+// Rootless runs ([RunRootless], [RunUnprivileged]) re-execute the test
+// binary as an unprivileged user and compare in the userxattr format,
+// with kernel overlay mounted in a user namespace ([KernelUserNS]).
 package uniontest

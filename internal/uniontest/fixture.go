@@ -1,6 +1,7 @@
 package uniontest
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"sort"
@@ -81,6 +82,24 @@ func (a applier) Apply(b *Builder) error {
 }
 func (a applier) String() string { return a.desc }
 
+// need is a privilege an applier may need beyond what a user has over
+// the files it creates (see [Unprivileged]).
+type need int
+
+const (
+	needOwner  need = iota + 1 // chown: to ids other than the builder's, CAP_CHOWN
+	needDevice                 // a device node other than a 0/0 whiteout: CAP_MKNOD
+	needXattr                  // trusted.* (CAP_SYS_ADMIN) or security.* xattrs
+)
+
+// privileged is an applier that may need privilege; uid and gid are the
+// owner a needOwner applier sets.
+type privileged struct {
+	applier
+	need     need
+	uid, gid int
+}
+
 // Func is an applier for anything the named ones do not cover.
 func Func(desc string, fn func(b *Builder) error) Applier { return applier{desc, fn} }
 
@@ -160,7 +179,7 @@ func Link(path, existing string) Applier {
 	}}
 }
 
-func mknod(desc, path string, mode uint32, dev uint64) Applier {
+func mknod(desc, path string, mode uint32, dev uint64) applier {
 	return applier{desc, func(b *Builder) error {
 		return b.At(path, func(dirfd int, name string) error {
 			if err := unix.Mknodat(dirfd, name, mode, int(dev)); err != nil {
@@ -178,12 +197,16 @@ func Fifo(path string) Applier {
 
 // CharDev creates a character device node with mode 0644.
 func CharDev(path string, major, minor uint32) Applier {
-	return mknod(fmt.Sprintf("char %q %d:%d", path, major, minor), path, unix.S_IFCHR|0o644, unix.Mkdev(major, minor))
+	a := mknod(fmt.Sprintf("char %q %d:%d", path, major, minor), path, unix.S_IFCHR|0o644, unix.Mkdev(major, minor))
+	if major == 0 && minor == 0 {
+		return a // any user may make a whiteout (Linux >= 5.8)
+	}
+	return privileged{a, needDevice, 0, 0}
 }
 
 // BlockDev creates a block device node with mode 0644.
 func BlockDev(path string, major, minor uint32) Applier {
-	return mknod(fmt.Sprintf("block %q %d:%d", path, major, minor), path, unix.S_IFBLK|0o644, unix.Mkdev(major, minor))
+	return privileged{mknod(fmt.Sprintf("block %q %d:%d", path, major, minor), path, unix.S_IFBLK|0o644, unix.Mkdev(major, minor)), needDevice, 0, 0}
 }
 
 // Socket creates a unix socket node with mode 0755 (by mknod, so nothing
@@ -237,9 +260,13 @@ func Opaque(dir string) Applier {
 // Xattr sets the extended attribute name on path (not following a
 // symlink).
 func Xattr(path, name, value string) Applier {
-	return applier{fmt.Sprintf("xattr %q %s=%q", path, name, value), func(b *Builder) error {
+	a := applier{fmt.Sprintf("xattr %q %s=%q", path, name, value), func(b *Builder) error {
 		return b.at(path, func(dirfd int, n string) error { return sysx.Setxattr(dirfd, n, name, []byte(value), 0) })
 	}}
+	if strings.HasPrefix(name, "trusted.") || strings.HasPrefix(name, "security.") {
+		return privileged{a, needXattr, 0, 0}
+	}
+	return a
 }
 
 // PrivateXattr sets the overlay-private xattr "<ns>.overlay.<suffix>" of
@@ -263,6 +290,10 @@ func (b *Builder) at(path string, f func(dirfd int, name string) error) error {
 // Chown changes the owner of path (not following a symlink). The mode is
 // kept as it was, setuid/setgid included (chown(2) alone clears them).
 func Chown(path string, uid, gid int) Applier {
+	return privileged{chown(path, uid, gid), needOwner, uid, gid}
+}
+
+func chown(path string, uid, gid int) applier {
 	return applier{fmt.Sprintf("chown %q %d:%d", path, uid, gid), func(b *Builder) error {
 		return b.at(path, func(dirfd int, name string) error {
 			var st unix.Stat_t
@@ -345,6 +376,11 @@ func (b *Builder) setTimes(dirfd int, name, rel string) error {
 		if name != "" {
 			var err error
 			fd, err = unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+			if errors.Is(err, unix.EACCES) && st.Mode&0o500 != 0o500 {
+				// Without CAP_DAC_OVERRIDE its owner must open it up
+				// for a moment (chmod changes only the ctime).
+				fd, err = openOwnDir(dirfd, name, st.Mode&0o7777)
+			}
 			if err != nil {
 				return fmt.Errorf("times %q: %w", rel, err)
 			}
@@ -374,6 +410,20 @@ func (b *Builder) setTimes(dirfd int, name, rel string) error {
 		return unix.UtimesNanoAt(dirfd, ".", ts, unix.AT_SYMLINK_NOFOLLOW)
 	}
 	return unix.UtimesNanoAt(dirfd, name, ts, unix.AT_SYMLINK_NOFOLLOW)
+}
+
+// openOwnDir opens the directory name in dirfd, whose permissions mode
+// keep its owner out, by adding u+rx for the open and restoring mode.
+func openOwnDir(dirfd int, name string, mode uint32) (int, error) {
+	if err := sysx.Chmodat(dirfd, name, mode|0o500); err != nil {
+		return -1, err
+	}
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if cerr := sysx.Chmodat(dirfd, name, mode); cerr != nil && err == nil {
+		unix.Close(fd)
+		return -1, cerr
+	}
+	return fd, err
 }
 
 // joinRel joins a relative path and a name; the root is "".

@@ -262,6 +262,12 @@ func MountLayers(t testing.TB, tg Target, ns whiteout.NS, lowers []Layer, upper 
 func (cfg Config) prepare(t testing.TB, c Case, tg Target, label string) *side {
 	t.Helper()
 	s := &side{target: tg, label: label, root: t.TempDir()}
+	if os.Geteuid() != 0 {
+		// Runs before t.TempDir's removal: without CAP_DAC_OVERRIDE,
+		// directories whose mode keeps their owner out (fixtures, the
+		// kernel's work/work) must be opened up to be removed.
+		t.Cleanup(func() { openUp(s.root) })
+	}
 	lowers := c.Lowers
 	if len(lowers) == 0 {
 		lowers = []Layer{{}}
@@ -329,6 +335,18 @@ func (cfg Config) runSide(t testing.TB, c Case, s *side, since time.Time) {
 	}
 }
 
+// openUp gives every directory under root (owned by this user) u+rwx.
+func openUp(root string) {
+	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			if info, err := d.Info(); err == nil && info.Mode().Perm()&0o700 != 0o700 {
+				os.Chmod(p, info.Mode().Perm()|0o700)
+			}
+		}
+		return nil
+	})
+}
+
 // writeAttempts tries every kind of write on the paths of a read-only
 // mount (all of them, or an even sample of large trees), logging each
 // through r so that both targets' attempts are compared too, and returns
@@ -354,6 +372,9 @@ func writeAttempts(r *Recorder, s *Snapshot) []Diff {
 		child := func(name string) string { return joinRel(rel, name) }
 		switch n.Type {
 		case "dir":
+			if !searchable(n) {
+				break // EACCES before the filesystem is asked
+			}
 			r.Create(child("ro-file"), 0o644)
 			r.Mkdir(child("ro-dir"), 0o755)
 			r.Mknod(child("ro-fifo"), unix.S_IFIFO|0o644, 0)
@@ -391,6 +412,21 @@ func writeAttempts(r *Recorder, s *Snapshot) []Diff {
 		}
 	}
 	return bad
+}
+
+// searchable reports whether this process may look names up in the
+// directory n: root may anywhere; other users per the mode bits that
+// apply to them.
+func searchable(n *Node) bool {
+	switch {
+	case os.Geteuid() == 0:
+		return true
+	case n.UID == uint32(os.Geteuid()):
+		return n.Mode&0o100 != 0
+	case n.GID == uint32(os.Getegid()):
+		return n.Mode&0o010 != 0
+	}
+	return n.Mode&0o001 != 0
 }
 
 // compareLogs compares two op logs entry by entry.

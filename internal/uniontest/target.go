@@ -1,9 +1,11 @@
 package uniontest
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"strconv"
 	"sync"
 	"testing"
@@ -168,16 +170,24 @@ func (f fuseTarget) Mount(t testing.TB, o unionfs.Options) *Mounted {
 		// detach the mount, abort the connection, then wait for the
 		// server to notice.
 		err := unix.Unmount(mnt, unix.MNT_DETACH)
-		abort := "/sys/fs/fuse/connections/" + strconv.FormatUint(uint64(conn), 10) + "/abort"
-		if werr := os.WriteFile(abort, []byte("1"), 0); werr != nil && err == nil {
-			err = werr
+		if err != nil && os.Geteuid() != 0 {
+			// Mounted through fusermount3 by a user: unmounted the same way.
+			if out, ferr := exec.Command("fusermount3", "-u", "-z", mnt).CombinedOutput(); ferr != nil {
+				err = fmt.Errorf("fusermount3 -u -z: %v: %s", ferr, bytes.TrimSpace(out))
+			} else {
+				err = nil
+			}
 		}
+		// Aborting needs root in the initial namespace; without it, the
+		// server stops once the detached mount is no longer used.
+		abort := "/sys/fs/fuse/connections/" + strconv.FormatUint(uint64(conn), 10) + "/abort"
+		werr := os.WriteFile(abort, []byte("1"), 0)
 		stopped := make(chan struct{})
 		go func() { srv.Wait(); close(stopped) }()
 		select {
 		case <-stopped:
 		case <-time.After(10 * time.Second):
-			err = errors.Join(err, fmt.Errorf("server did not stop"))
+			err = errors.Join(err, werr, fmt.Errorf("server did not stop"))
 		}
 		return err
 	})
