@@ -2,6 +2,7 @@ package unionfs
 
 import (
 	"container/list"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -59,13 +60,7 @@ func (s *Stack) dirfd(n *node, li int) (dirRef, error) {
 	}
 	c.mu.Unlock()
 
-	loc := n.location()
-	pref, err := s.dirfd(loc.parent, li)
-	if err != nil {
-		return dirRef{}, err
-	}
-	fd, err := unix.Openat(pref.fd, loc.name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	s.release(pref)
+	fd, err := s.openCopy(n, li)
 	if err != nil {
 		return dirRef{}, err
 	}
@@ -87,6 +82,25 @@ func (s *Stack) dirfd(n *node, li int) (dirRef, error) {
 	c.mu.Unlock()
 	closeAll(victims)
 	return dirRef{fd, e}, nil
+}
+
+// openCopy opens n's copy in layer li: its name in the parent's copy, or
+// where a redirect moved it (dirLayer.at).
+func (s *Stack) openCopy(n *node, li int) (int, error) {
+	loc := n.location()
+	name := loc.name
+	switch at := n.locIn(li); {
+	case strings.HasPrefix(at, "/"):
+		return s.openLayerPath(li, at)
+	case at != "":
+		name = at
+	}
+	pref, err := s.dirfd(loc.parent, li)
+	if err != nil {
+		return -1, err
+	}
+	defer s.release(pref)
+	return unix.Openat(pref.fd, name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 }
 
 // release gives back a reference from dirfd.

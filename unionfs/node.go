@@ -59,6 +59,10 @@ type node struct {
 	tmpfd int
 
 	fds []*dirFd // protected by Stack.fds.mu
+
+	// locs lists the copies of a directory that a redirect moved (nil
+	// when none did), for dirfd; see redirect.go.
+	locs atomic.Pointer[[]layerLoc]
 }
 
 func (n *node) isDir() bool { return n.StableAttr().Mode&syscall.S_IFMT == syscall.S_IFDIR }
@@ -157,7 +161,8 @@ func merged(dirs []dirLayer) bool { return len(dirs) > 1 }
 func (s *Stack) newNode(parent *node, name string, e *entry) *node {
 	n := &node{s: s, layer: e.layer, dirs: e.dirs, tmpfd: -1}
 	n.loc.Store(&location{parent: parent, name: name})
-	n.ino = s.identity(s.layers[e.layer], e.st.Ino)
+	n.setLocs(e.dirs)
+	n.ino = s.entryIdentity(e)
 	return n
 }
 
@@ -283,6 +288,14 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 		return nil, s.toErrno(ctx, "lookup", n, err)
 	}
 	child := s.childFor(ctx, n, name, &e)
+	if loc := child.location(); child.isDir() && (loc.parent != n || loc.name != name) {
+		// Another directory has this identity: two redirects to one lower
+		// directory, or a redirect's origin still visible under its own
+		// name. The kernel refuses the second one it meets
+		// (fs/overlayfs/inode.c:ovl_verify_inode fails: ESTALE).
+		s.log.Warn("directory shares its origin with another", "path", n.debugPath()+"/"+name, "other", child.debugPath())
+		return nil, syscall.ESTALE
+	}
 	_, cdirs, _ := child.state()
 	s.fillAttr(child, cdirs, &e.st, &out.Attr)
 	return &child.Inode, 0
@@ -302,10 +315,13 @@ func (s *Stack) childFor(ctx context.Context, n *node, name string, e *entry) *n
 	if ch := n.GetChild(name); ch != nil {
 		if cn, ok := ch.Operations().(*node); ok &&
 			ch.StableAttr().Mode == e.st.Mode&unix.S_IFMT &&
-			cn.ino == s.identity(s.layers[e.layer], e.st.Ino) {
+			cn.ino == s.entryIdentity(e) {
 			cn.mu.Lock()
 			if !cn.inUpperLocked() && !cn.removed {
 				cn.layer, cn.dirs = e.layer, e.dirs
+				if cn.setLocs(e.dirs) {
+					s.dropFds(cn, -1)
+				}
 			}
 			cn.mu.Unlock()
 			return cn

@@ -52,6 +52,24 @@ func (s *Stack) NS() whiteout.NS { return s.ns }
 type DirLayer struct {
 	Layer   int
 	Opacity whiteout.Opacity
+	// Path is the copy's path from the layer's root ("/a/b"): the merged
+	// path, unless a redirect moved it (or one of its parents).
+	Path string
+	// Redirect is the overlay.redirect the copy carries, as stored, when
+	// the lookup followed it to the layers below ("" otherwise).
+	Redirect string
+}
+
+// RedirectHop is a redirect that a resolution followed.
+type RedirectHop struct {
+	// Path is the merged path of the directory whose copy carries it.
+	Path string
+	// Layer holds that copy; the layers below it are looked up at the
+	// redirect.
+	Layer int
+	// Value is the redirect as stored: "/a/b" from the layer roots, or a
+	// name in the parent directory.
+	Value string
 }
 
 // Resolution is what a path resolves to through the stack.
@@ -62,6 +80,8 @@ type Resolution struct {
 	Layer int
 	// Stat is the lstat of the deciding object.
 	Stat unix.Stat_t
+	// Ino is the st_ino a mount shows for the object.
+	Ino uint64
 	// Dirs lists, for a directory, the layers merged into it, top first.
 	Dirs []DirLayer
 	// WhiteoutLayer is the layer of the whiteout that hides the last
@@ -70,6 +90,16 @@ type Resolution struct {
 	// MissingAt is the path prefix that does not resolve, when an earlier
 	// component is missing, hidden or not a directory ("" otherwise).
 	MissingAt string
+	// LayerPath is the deciding object's path from the root of Layer: the
+	// resolved path, unless a redirect moved a directory on the way.
+	LayerPath string
+	// Looked gives, per layer, the path from the layer's root at which
+	// the lookup of the last component looks there (or, for the layers
+	// it does not reach, would look): the resolved path, unless a
+	// redirect moved it. nil when a parent does not resolve.
+	Looked []string
+	// Redirects lists the redirects followed on the way, in order.
+	Redirects []RedirectHop
 }
 
 // Resolve resolves path (relative to the merged root; "" or "/" is the
@@ -86,15 +116,33 @@ func (s *Stack) Resolve(path string) (Resolution, error) {
 		if err := unix.Fstat(s.layers[0].fd, &st); err != nil {
 			return r, err
 		}
-		r.Found, r.Layer, r.Stat, r.Dirs = true, 0, st, exportDirs(dir.dirs)
+		r.Found, r.Layer, r.Stat, r.LayerPath, r.Ino = true, 0, st, "/", dir.ino
+		for _, d := range dir.dirs {
+			r.Dirs = append(r.Dirs, DirLayer{Layer: d.layer, Opacity: d.opacity, Path: "/"})
+			r.Looked = append(r.Looked, "/")
+		}
 		return r, nil
+	}
+	looked := make([]string, len(s.layers))
+	for i := range looked {
+		looked[i] = "/"
 	}
 	for i, c := range comps {
 		if err := whiteout.CheckName(c); err != nil {
 			return r, err
 		}
-		e, err := s.resolve(dir, dir.dirs, c)
 		last := i == len(comps)-1
+		tr := newTrace(looked)
+		e, err := s.resolveTraced(dir, dir.dirs, c, tr)
+		looked = tr.looked
+		if last {
+			r.Looked = looked
+		}
+		for _, d := range e.dirs {
+			if err == nil && d.redirect != "" {
+				r.Redirects = append(r.Redirects, RedirectHop{Path: "/" + strings.Join(comps[:i+1], "/"), Layer: d.layer, Value: d.redirect})
+			}
+		}
 		if errors.Is(err, unix.ENOENT) {
 			if last {
 				r.WhiteoutLayer = e.whiteoutLayer
@@ -107,7 +155,11 @@ func (s *Stack) Resolve(path string) (Resolution, error) {
 			return r, fmt.Errorf("%s: %w", strings.Join(comps[:i+1], "/"), err)
 		}
 		if last {
-			r.Found, r.Layer, r.Stat, r.Dirs = true, e.layer, e.st, exportDirs(e.dirs)
+			r.Found, r.Layer, r.Stat, r.Ino = true, e.layer, e.st, s.entryIdentity(&e)
+			r.LayerPath = looked[e.layer]
+			for _, d := range e.dirs {
+				r.Dirs = append(r.Dirs, DirLayer{Layer: d.layer, Opacity: d.opacity, Path: looked[d.layer], Redirect: d.redirect})
+			}
 			return r, nil
 		}
 		if !e.isDir() {
@@ -152,17 +204,6 @@ type DirEntry struct {
 	Name string
 	Mode uint32 // file type bits
 	Ino  uint64
-}
-
-func exportDirs(d []dirLayer) []DirLayer {
-	if d == nil {
-		return nil
-	}
-	out := make([]DirLayer, len(d))
-	for i, x := range d {
-		out[i] = DirLayer{Layer: x.layer, Opacity: x.opacity}
-	}
-	return out
 }
 
 func splitPath(p string) []string {

@@ -82,7 +82,15 @@ func (s *Stack) readdir(ctx context.Context, n *node) ([]fuse.DirEntry, error) {
 					}
 				}
 			}
-			out = append(out, fuse.DirEntry{Name: name, Mode: mode, Ino: s.identity(l, ino)})
+			id := s.identity(l, ino)
+			if l.upper && mode == unix.S_IFDIR && len(s.layers) > 1 {
+				var drop bool
+				var err error
+				if id, drop, err = s.listedDirIdentity(n, dirs, ref.fd, name, id); err != nil || drop {
+					return err
+				}
+			}
+			out = append(out, fuse.DirEntry{Name: name, Mode: mode, Ino: id})
 			return nil
 		})
 		unix.Close(fd)
