@@ -2,6 +2,8 @@ package unionfs_test
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	ut "strata/internal/uniontest"
+	"strata/whiteout"
 )
 
 // TestDiffRead runs the read-side differential cases: lookups, listings,
@@ -358,24 +361,9 @@ func readCases() []ut.Case {
 			})
 		},
 	})
-	add(ut.Case{
-		// A kernel mount with redirect_dir=on leaves renamed merged dirs
-		// as an upper dir with overlay.redirect naming the lower path;
-		// kernels built with REDIRECT_ALWAYS_FOLLOW (the default) follow
-		// it even with redirect_dir=off.
-		Name:   "redirect-xattr-in-upper",
-		Lowers: []ut.Layer{{ut.File("old/x", "x", 0o644), ut.File("old/y", "y", 0o644)}},
-		Upper: ut.Layer{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/old"), ut.File("new/u", "u", 0o644),
-			ut.Whiteout("old")},
-		Ops: explorePaths("", "new", "new/x", "old"),
-		// Divergence: strata neither creates nor follows redirect xattrs
-		// (it renames lower/merged dirs with EXDEV, as the kernel without
-		// redirect_dir); this kernel follows them (redirect_always_follow=Y,
-		// fs/overlayfs/namei.c:ovl_check_redirect). An upper written with
-		// redirect_dir=on reads differently; strata fsck reports such
-		// uppers (UNSUPPORTED_FEATURE).
-		Diverge: "redirect xattrs are not followed",
-	})
+	for _, c := range redirectCases() {
+		add(c)
+	}
 	add(ut.Case{
 		Name: "merged-dir-attributes-from-top",
 		Lowers: []ut.Layer{
@@ -677,4 +665,325 @@ func manyLowers(n int) []ut.Layer {
 		ls[i] = ut.Layer{ut.File(fmt.Sprintf("d/f%d", i), fmt.Sprint(i), 0o644), ut.File("shared", fmt.Sprint("layer ", i), 0o644)}
 	}
 	return ls
+}
+
+// redirectCases: layers written by a kernel mount with redirect_dir=on.
+// Renaming a lower or merged directory there moves its upper copy and
+// records in overlay.redirect where the lower copies are; the kernel
+// follows such redirects even with redirect_dir=off
+// (redirect_always_follow, fs/overlayfs/namei.c:ovl_check_redirect), in
+// the upper dir and in lower layers alike. The origin of each redirect is
+// whited out, as the kernel's rename leaves it: a directory still visible
+// under its own name and through a redirect is one inode twice, which
+// the kernel refuses (ESTALE) for whichever name comes second.
+func redirectCases() []ut.Case {
+	return []ut.Case{{
+		Name:   "redirect-xattr-in-upper",
+		Lowers: []ut.Layer{{ut.File("old/x", "x", 0o644), ut.File("old/y", "y", 0o644)}},
+		Upper: ut.Layer{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/old"), ut.File("new/u", "u", 0o644),
+			ut.Whiteout("old")},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("", "new", "new/x", "old")
+			r.Stat("new") // merged: nlink 1
+			// A redirected directory keeps its origin's st_ino.
+			r.SameInoAsLayer("new", "l0/old")
+			r.SameInoAsLayer("new/x", "l0/old/x")
+		},
+	}, {
+		// A relative redirect names another entry of the parent; below it
+		// the redirected directory's own entries merge as usual.
+		Name: "redirect-relative",
+		Lowers: []ut.Layer{{ut.File("d/old/x", "x", 0o644), ut.File("d/old/sub/y", "y", 0o644), ut.File("d/keep", "k", 0o644),
+			ut.Dir("d/new", 0o700), ut.File("d/new/hidden", "h", 0o644)}},
+		Upper: ut.Layer{ut.Dir("d/new", 0o750), ut.PrivateXattr("d/new", "redirect", "old"), ut.File("d/new/sub/u", "u", 0o644),
+			ut.Whiteout("d/old")},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("d", "d/new", "d/new/x", "d/new/sub", "d/new/sub/y", "d/new/hidden", "d/old")
+			r.SameInoAsLayer("d/new", "l0/d/old")
+		},
+	}, {
+		// A redirect in a lower layer applies to the layers below it; a
+		// lower-only directory has no origin, so no inode is shared with
+		// the still visible target.
+		Name: "redirect-in-middle-lower",
+		Lowers: []ut.Layer{
+			{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/old"), ut.File("new/m", "m", 0o644),
+				ut.Dir("p/rel", 0o755), ut.PrivateXattr("p/rel", "redirect", "target"), ut.File("p/rel/m", "m", 0o644)},
+			{ut.File("old/x", "x", 0o644), ut.File("new/hidden", "h", 0o644), ut.File("p/target/t", "t", 0o644),
+				ut.File("p/rel/hidden", "h", 0o644)},
+			{ut.File("old/y", "y", 0o644), ut.File("p/target/t2", "t2", 0o644)},
+		},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("", "new", "new/x", "new/y", "new/hidden", "old", "p", "p/rel", "p/target")
+			r.SameInoAsLayer("new", "l0/new")
+		},
+	}, {
+		// The same below an upper dir that merges the redirected lower
+		// directory, and in a middle layer whose parent the layers below
+		// do not hold (an absolute redirect reaches them from the roots).
+		Name: "redirect-in-middle-lower-under-upper",
+		Lowers: []ut.Layer{
+			{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/old"), ut.File("new/m", "m", 0o644),
+				ut.Dir("only/here", 0o755), ut.PrivateXattr("only/here", "redirect", "/old"), ut.File("only/here/h", "h", 0o644)},
+			{ut.File("old/x", "x", 0o644)},
+		},
+		Upper: ut.Layer{ut.File("new/u", "u", 0o644), ut.Whiteout("new/m"), ut.File("only/here/u", "u", 0o644)},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("new", "new/x", "new/m", "only/here", "only/here/x")
+		},
+	}, {
+		// The redirect's target is merged from two layers, the upper dir
+		// and the layer below with it.
+		Name: "redirect-to-merged-dir",
+		Lowers: []ut.Layer{
+			{ut.File("a/b/x", "x0", 0o644), ut.File("a/b/both", "top", 0o644), ut.File("a/keep", "k", 0o644)},
+			{ut.File("a/b/y", "y1", 0o644), ut.File("a/b/both", "bottom", 0o644), ut.Whiteout("a/b/gone")},
+			{ut.File("a/b/gone", "hidden", 0o644), ut.File("a/b/z", "z2", 0o644)},
+		},
+		Upper: ut.Layer{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/a/b"), ut.File("new/u", "u", 0o644),
+			ut.Whiteout("new/x"), ut.Whiteout("a/b")},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("", "a", "new", "new/x", "new/y", "new/z", "new/both", "new/gone", "a/b")
+			r.SameInoAsLayer("new", "l0/a/b")
+		},
+	}, {
+		// A redirected directory inside a redirected directory (relative
+		// and absolute), and a redirect whose target carries one itself
+		// in the layer below.
+		Name: "redirect-chain",
+		Lowers: []ut.Layer{
+			{ut.File("old/in0/x", "x", 0o644), ut.File("old/o", "o", 0o644), ut.File("other/y", "y", 0o644),
+				ut.Dir("mid", 0o755), ut.PrivateXattr("mid", "redirect", "/bottom"), ut.File("mid/m", "m", 0o644)},
+			{ut.File("bottom/b", "b", 0o644), ut.File("mid/hidden", "h", 0o644), ut.File("old/in0/x1", "x1", 0o644)},
+		},
+		Upper: ut.Layer{
+			ut.Dir("new/inner", 0o755), ut.PrivateXattr("new", "redirect", "/old"), ut.PrivateXattr("new/inner", "redirect", "in0"),
+			ut.Whiteout("old"), ut.Whiteout("new/in0"),
+			ut.Dir("new/abs", 0o755), ut.PrivateXattr("new/abs", "redirect", "/other"), ut.Whiteout("other"),
+			ut.Dir("n2", 0o755), ut.PrivateXattr("n2", "redirect", "/mid"), ut.File("n2/u", "u", 0o644), ut.Whiteout("mid"),
+		},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("", "new", "new/inner", "new/inner/x", "new/inner/x1", "new/in0", "new/abs", "n2", "n2/b", "bottom")
+			r.SameInoAsLayer("new/inner", "l0/old/in0")
+			r.SameInoAsLayer("new/abs", "l0/other")
+			r.SameInoAsLayer("n2", "l0/mid")
+		},
+	}, {
+		// An absolute redirect is walked component by component in each
+		// layer below: a redirect on the way rewrites the path for the
+		// layers below that one; an opaque directory on the way stops them
+		// (unless an absolute redirect further on restarts them); a
+		// whiteout, non-directory or symlink on the way ends the lookup.
+		Name: "redirect-absolute-walk",
+		Lowers: []ut.Layer{
+			{ut.Dir("a/b", 0o755), ut.PrivateXattr("a", "redirect", "/z"), ut.File("a/b/l0", "l0", 0o644),
+				ut.Opaque("p"), ut.File("p/q/x", "x", 0o644),
+				ut.Opaque("r"), ut.Dir("r/s", 0o755), ut.PrivateXattr("r/s", "redirect", "/t"), ut.File("r/s/x", "x", 0o644),
+				ut.Whiteout("w"), ut.File("f", "file", 0o644), ut.Symlink("l", "a")},
+			{ut.File("z/b/zb", "zb", 0o644), ut.File("a/b/hidden", "h", 0o644), ut.File("p/q/hidden", "h", 0o644),
+				ut.File("t/tt", "t", 0o644), ut.File("r/s/hidden", "h", 0o644), ut.File("w/v/hidden", "h", 0o644),
+				ut.File("f/g/hidden", "h", 0o644), ut.File("l/b/hidden", "h", 0o644)},
+		},
+		Upper: ut.Layer{
+			ut.Dir("n1", 0o755), ut.PrivateXattr("n1", "redirect", "/a/b"),
+			ut.Dir("n2", 0o755), ut.PrivateXattr("n2", "redirect", "/p/q"),
+			ut.Dir("n3", 0o755), ut.PrivateXattr("n3", "redirect", "/r/s"),
+			ut.Dir("n4", 0o755), ut.PrivateXattr("n4", "redirect", "/w/v"),
+			ut.Dir("n5", 0o755), ut.PrivateXattr("n5", "redirect", "/f/g"),
+			ut.Dir("n6", 0o755), ut.PrivateXattr("n6", "redirect", "/l/b"),
+			ut.Whiteout("a"), ut.Whiteout("p"), ut.Whiteout("r"),
+		},
+		Ops: explorePaths("", "n1", "n2", "n3", "n4", "n5", "n6"),
+	}, {
+		// A redirect to nothing leaves an upper-only directory.
+		Name:   "redirect-to-missing",
+		Lowers: []ut.Layer{{ut.File("other/x", "x", 0o644), ut.File("d/f", "f", 0o644)}},
+		Upper: ut.Layer{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/nothere"), ut.File("new/u", "u", 0o644),
+			ut.Dir("d/rel", 0o755), ut.PrivateXattr("d/rel", "redirect", "nothere"),
+			ut.Dir("d/long", 0o755), ut.PrivateXattr("d/long", "redirect", strings.Repeat("n", 256)),
+			ut.Dir("d/deep", 0o755), ut.PrivateXattr("d/deep", "redirect", "/other/x/y"),
+			ut.Dir("up/new", 0o755), ut.PrivateXattr("up/new", "redirect", "old")},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("new", "d", "d/rel", "d/long", "d/deep", "up", "up/new")
+			r.Stat("new") // upper only: real nlink
+			r.SameInoAsLayer("new", "upper/new")
+		},
+	}, {
+		// Opaque directories and non-directories do not read a redirect.
+		Name: "redirect-on-opaque-dir-and-file",
+		Lowers: []ut.Layer{
+			{ut.File("old/x", "x", 0o644), ut.File("new/hidden", "h", 0o644), ut.File("f/hidden", "h", 0o644),
+				ut.File("g", "lower file", 0o644), ut.PrivateXattr("g", "redirect", "/old")},
+		},
+		Upper: ut.Layer{ut.Opaque("new"), ut.PrivateXattr("new", "redirect", "/old"), ut.File("new/u", "u", 0o644),
+			ut.File("f", "upper file", 0o644), ut.PrivateXattr("f", "redirect", "/old"),
+			ut.Opaque("bad"), ut.PrivateXattr("bad", "redirect", "a/b")},
+		Ops: explorePaths("", "new", "f", "g", "bad"),
+	}, {
+		// Values the kernel rejects fail the lookup: malformed ones with
+		// EINVAL (even where nothing lies below), "." and ".." components
+		// with EACCES once the lookup reaches them. Readdir still lists
+		// the names. In the bottom layer nothing reads a redirect.
+		Name: "redirect-malformed",
+		Lowers: []ut.Layer{
+			{ut.File("old/x", "x", 0o644), ut.Dir("low", 0o755), ut.PrivateXattr("low", "redirect", "a/b"),
+				ut.File("low/l", "l", 0o644), ut.File("r/f", "f", 0o644)},
+			{ut.File("low/bottom", "b", 0o644), ut.Dir("bot", 0o755), ut.PrivateXattr("bot", "redirect", "//")},
+		},
+		Upper: ut.Layer{
+			// m merges nothing: only the malformed values and absolute
+			// redirects reach the lowers.
+			ut.Dir("m/empty", 0o755), ut.PrivateXattr("m/empty", "redirect", ""),
+			ut.Dir("m/slash", 0o755), ut.PrivateXattr("m/slash", "redirect", "/"),
+			ut.Dir("m/relslash", 0o755), ut.PrivateXattr("m/relslash", "redirect", "a/b"),
+			ut.Dir("m/dslash", 0o755), ut.PrivateXattr("m/dslash", "redirect", "/old//x"),
+			ut.Dir("m/trail", 0o755), ut.PrivateXattr("m/trail", "redirect", "/old/"),
+			ut.Dir("m/dotdot", 0o755), ut.PrivateXattr("m/dotdot", "redirect", ".."),
+			ut.Dir("m/absdotdot", 0o755), ut.PrivateXattr("m/absdotdot", "redirect", "/old/../old"),
+			ut.Dir("m/absdot", 0o755), ut.PrivateXattr("m/absdot", "redirect", "/./old"),
+			ut.Dir("m/unreached", 0o755), ut.PrivateXattr("m/unreached", "redirect", "/nothere/../old"),
+			// r merges a lower directory: relative redirects are looked up.
+			ut.Dir("r/dotdot", 0o755), ut.PrivateXattr("r/dotdot", "redirect", ".."),
+			ut.Dir("r/dot", 0o755), ut.PrivateXattr("r/dot", "redirect", "."),
+			// The value ends at a NUL byte.
+			ut.Dir("nul", 0o755), ut.PrivateXattr("nul", "redirect", "/old\x00junk"), ut.Whiteout("old"),
+		},
+		Ops: explorePaths("", "m", "m/empty", "m/slash", "m/relslash", "m/dslash", "m/trail", "m/dotdot", "m/absdotdot",
+			"m/absdot", "m/unreached", "r", "r/dotdot", "r/dot", "nul", "low", "bot"),
+	}, {
+		// The kernel computes the d_ino of an impure directory's upper
+		// entries by looking each up, and a lookup that fails costs the
+		// entry (a merged directory leaves it out) or the readdir (a
+		// directory that merges nothing fails it). The kernel marks a
+		// directory impure when it copies up or renames into it, or
+		// merges a lower copy into an upper one that records no origin.
+		Name:   "redirect-malformed-in-impure-dir",
+		Lowers: []ut.Layer{{ut.File("old/x", "x", 0o644), ut.File("imp/f", "f", 0o644), ut.File("clean/f", "f", 0o644)}},
+		Upper: ut.Layer{
+			ut.Dir("imp/ok", 0o755), ut.PrivateXattr("imp/ok", "redirect", "/old"), ut.Whiteout("old"),
+			ut.Dir("imp/bad", 0o755), ut.PrivateXattr("imp/bad", "redirect", "a/b"), ut.PrivateXattr("imp", "impure", "y"),
+			ut.Dir("pure/bad", 0o755), ut.PrivateXattr("pure/bad", "redirect", "/old/../old"), ut.Dir("pure/ok", 0o755),
+			ut.PrivateXattr("pure", "impure", "y"),
+			ut.Dir("clean/bad", 0o755), ut.PrivateXattr("clean/bad", "redirect", "a/b"),
+			ut.PrivateXattr("", "impure", "y"),
+		},
+		Ops: explorePaths("", "imp", "imp/ok", "imp/bad", "pure", "pure/ok", "pure/bad", "clean", "clean/bad"),
+	}, kernelRenamedUpperCase()}
+}
+
+// kernelRenamedUpperCase compares the targets on an upper dir written by a
+// real kernel mount with redirect_dir=on: it renames lower and merged
+// directories (within their parent: a relative redirect; elsewhere: an
+// absolute one), a renamed directory inside a renamed one, and one renamed
+// twice, then changes entries inside them.
+func kernelRenamedUpperCase() ut.Case {
+	return ut.Case{
+		Name: "redirect-upper-written-by-kernel",
+		Lowers: []ut.Layer{
+			{ut.File("old/x", "x", 0o644), ut.File("old/sub/s", "s", 0o644), ut.File("a/b/c/f", "f", 0o644),
+				ut.Dir("q", 0o755), ut.File("d/in/i", "i", 0o644)},
+			{ut.File("old/y", "y", 0o644), ut.File("a/b/c/g", "g", 0o644), ut.File("d/in/j", "j", 0o644)},
+		},
+		Upper: ut.Layer{ut.Func("a kernel mount with redirect_dir=on renames directories", func(b *ut.Builder) error {
+			return kernelRedirectRenames(b.Root, func(mnt string) error {
+				p := func(rel string) string { return filepath.Join(mnt, rel) }
+				steps := []func() error{
+					func() error { return os.Rename(p("old"), p("new")) },
+					func() error { return os.Rename(p("new/sub"), p("new/sub2")) },
+					func() error { return os.MkdirAll(p("q/r"), 0o755) },
+					func() error { return os.Rename(p("a/b"), p("q/r/bb")) },
+					func() error { return os.Rename(p("q/r/bb/c"), p("q/r/bb/cc")) },
+					func() error { return os.Mkdir(p("up"), 0o755) },
+					func() error { return os.Rename(p("new"), p("up/new")) },
+					func() error { return os.Remove(p("up/new/x")) },
+					func() error { return os.WriteFile(p("up/new/added"), []byte("added"), 0o644) },
+					func() error { return os.Rename(p("d/in"), p("d/out")) },
+				}
+				for i, f := range steps {
+					if err := f(); err != nil {
+						return fmt.Errorf("step %d: %w", i+1, err)
+					}
+				}
+				return nil
+			})
+		})},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Explore("", "up", "up/new", "up/new/y", "up/new/sub2", "up/new/sub2/s", "up/new/sub", "up/new/x",
+				"q/r/bb", "q/r/bb/cc", "q/r/bb/cc/f", "q/r/bb/cc/g", "a", "d", "d/out", "old")
+			r.SameInoAsLayer("up/new", "l0/old")
+			r.SameInoAsLayer("up/new/sub2", "l0/old/sub")
+			r.SameInoAsLayer("q/r/bb/cc", "l0/a/b/c")
+			r.SameInoAsLayer("d/out", "l0/d/in")
+		},
+	}
+}
+
+// kernelRedirectRenames mounts kernel overlay with redirect_dir=on over
+// upper and the lowers l0, l1, ... beside it, runs f on the mount and
+// unmounts it.
+func kernelRedirectRenames(upper string, f func(mnt string) error) error {
+	root := filepath.Dir(upper)
+	var lowers []string
+	for i := 0; ; i++ {
+		l := filepath.Join(root, fmt.Sprintf("l%d", i))
+		if _, err := os.Stat(l); err != nil {
+			break
+		}
+		lowers = append(lowers, l)
+	}
+	work, err := os.MkdirTemp(root, "kernel-work-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	mnt, err := os.MkdirTemp(root, "kernel-mnt-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(mnt)
+	data := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s,redirect_dir=on", strings.Join(lowers, ":"), upper, work)
+	if err := unix.Mount("overlay", mnt, "overlay", 0, data); err != nil {
+		return fmt.Errorf("mount overlay -o %s: %w", data, err)
+	}
+	ferr := f(mnt)
+	if err := unix.Unmount(mnt, 0); err != nil {
+		return fmt.Errorf("unmount %s: %w", mnt, err)
+	}
+	return ferr
+}
+
+// TestDiffReadRedirectUserxattr: with userxattr the kernel does not follow
+// redirects (userxattr implies redirect_dir=nofollow): a lookup that reads
+// one fails with EPERM, a malformed one with EINVAL; where no redirect is
+// read (opaque directories, the last of the parent's layers) nothing
+// changes, and trusted.overlay.* attributes mean nothing.
+func TestDiffReadRedirectUserxattr(t *testing.T) {
+	cfg := ut.DefaultConfig()
+	cfg.NS = whiteout.User
+	cases := []ut.Case{{
+		Name:   "redirect-userxattr-upper",
+		Lowers: []ut.Layer{{ut.File("p/old/x", "x", 0o644), ut.File("old/x", "x", 0o644), ut.File("ign/x", "x", 0o644)}},
+		Upper: ut.Layer{
+			ut.Dir("p/new", 0o755), ut.PrivateXattr("p/new", "redirect", "/old"), ut.Whiteout("old"),
+			ut.Dir("p/missing", 0o755), ut.PrivateXattr("p/missing", "redirect", "/nothere"),
+			ut.Dir("p/rel", 0o755), ut.PrivateXattr("p/rel", "redirect", "old"),
+			ut.Dir("p/dotdot", 0o755), ut.PrivateXattr("p/dotdot", "redirect", ".."),
+			ut.Dir("p/bad", 0o755), ut.PrivateXattr("p/bad", "redirect", "a/b"),
+			ut.Opaque("p/opq"), ut.PrivateXattr("p/opq", "redirect", "/old"),
+			ut.Dir("pure/new", 0o755), ut.PrivateXattr("pure/new", "redirect", "old"),
+			ut.Dir("p/trusted", 0o755), ut.Xattr("p/trusted", "trusted.overlay.redirect", "/ign"),
+		},
+		Ops: explorePaths("", "p", "p/new", "p/missing", "p/rel", "p/dotdot", "p/bad", "p/opq", "pure/new", "p/trusted"),
+	}, {
+		Name: "redirect-userxattr-lower",
+		Lowers: []ut.Layer{
+			{ut.Dir("mid", 0o755), ut.PrivateXattr("mid", "redirect", "/old"), ut.File("mid/m", "m", 0o644),
+				ut.Dir("p/only", 0o755), ut.PrivateXattr("p/only", "redirect", "/old")},
+			{ut.File("old/x", "x", 0o644), ut.Dir("bot", 0o755), ut.PrivateXattr("bot", "redirect", "/old")},
+		},
+		Ops: explorePaths("", "mid", "p", "p/only", "bot"),
+	}}
+	for _, c := range cases {
+		t.Run(c.Name, func(t *testing.T) { cfg.Run(t, c) })
+	}
 }

@@ -929,6 +929,34 @@ func writeCases() []ut.Case {
 			r.Explore("", "t", "nothere", "s")
 		},
 	})
+	add(ut.Case{
+		// Changes inside a directory renamed by a kernel mount with
+		// redirect_dir=on reach the lower copies the redirect names:
+		// copy-up copies them (and a merged subdirectory's chain) from
+		// there, unlink and rmdir leave whiteouts for them. A merged or
+		// redirected directory still cannot move (EXDEV); one whose
+		// redirect finds nothing is upper-only and moves.
+		Name: "changes-in-redirected-dir",
+		Lowers: []ut.Layer{
+			{ut.File("old/x", "x", 0o644), ut.File("old/y", "y", 0o640), ut.File("old/sub/s", "s", 0o644), ut.Chmod("old/sub", 0o750),
+				ut.Dir("old/empty", 0o700)},
+			{ut.File("old/z", "z", 0o644), ut.File("old/sub/t", "t", 0o644)},
+		},
+		Upper: ut.Layer{ut.Dir("new", 0o755), ut.PrivateXattr("new", "redirect", "/old"), ut.Whiteout("old"),
+			ut.Dir("lonely", 0o755), ut.PrivateXattr("lonely", "redirect", "/nothere")},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Unlink("new/x")
+			r.WriteFlags("new/y", unix.O_WRONLY|unix.O_APPEND, 0, "+")
+			r.Create("new/sub/deeper", 0o644)
+			r.Unlink("new/sub/t")
+			r.Rmdir("new/empty")
+			r.Rename("new/z", "new/z2")
+			r.Rename("new", "renamed")
+			r.Rename("new/sub", "new/sub2")
+			r.Rename("lonely", "lonely2")
+			r.Explore("", "new", "new/y", "new/z2", "new/sub", "lonely2")
+		},
+	})
 	return cases
 }
 

@@ -37,6 +37,9 @@ type Recorder struct {
 	log   []Entry
 	inos  map[string]uint64
 	files []*Handle
+	// layers is the directory holding the case's layer dirs (l0, l1, ...,
+	// upper), "" when unknown; see SameInoAsLayer.
+	layers string
 }
 
 // NewRecorder returns a recorder for the mount at mnt; times at or after
@@ -164,6 +167,29 @@ func (r *Recorder) SameIno(label, p string) {
 			return "", errors.New("no remembered ino " + label)
 		}
 		return strconv.FormatBool(st.Ino == ino), nil
+	})
+}
+
+// SameInoAsLayer logs whether p's st_ino on the mount equals that of the
+// layer object at layerPath ("l0/old", "upper/d": relative to the
+// directory holding the case's layers). On one filesystem (no xino) kernel
+// overlay shows the real inode numbers of its layers' objects, and for a
+// merged directory with an upper copy its topmost lower copy's: relations
+// that strata shows too where it follows the kernel (a redirected
+// directory keeps its origin's st_ino).
+func (r *Recorder) SameInoAsLayer(p, layerPath string) {
+	r.Do(fmt.Sprintf("ino of %s == ino of layer object %s", q(p), q(layerPath)), func() (string, error) {
+		if r.layers == "" {
+			return "", errors.New("layer dirs unknown to this recorder")
+		}
+		var st, lst unix.Stat_t
+		if err := unix.Lstat(r.Path(p), &st); err != nil {
+			return "", err
+		}
+		if err := unix.Lstat(filepath.Join(r.layers, layerPath), &lst); err != nil {
+			return "", fmt.Errorf("layer object: %w", err)
+		}
+		return strconv.FormatBool(st.Ino == lst.Ino), nil
 	})
 }
 

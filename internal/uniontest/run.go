@@ -309,6 +309,7 @@ func (cfg Config) runSide(t testing.TB, c Case, s *side, since time.Time) {
 	t.Helper()
 	m := s.target.Mount(t, s.opts)
 	r := NewRecorder(m.Dir, since)
+	r.layers = s.root
 	func() {
 		defer r.closeAll()
 		if c.Ops != nil {
