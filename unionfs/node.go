@@ -21,6 +21,9 @@ import (
 type location struct {
 	parent *node // nil for the root
 	name   string
+	// stale: name was unlinked but the (upper, hard-linked) object has
+	// other names; see node.location.
+	stale bool
 }
 
 // node is one object of the merged tree, as the kernel knows it.
@@ -43,9 +46,6 @@ type node struct {
 	// removed: a directory that was removed, or a non-directory whose last
 	// name was unlinked. Protected by mu.
 	removed bool
-	// locStale: the name recorded in loc was unlinked but the (upper,
-	// hard-linked) object has other names; see location().
-	locStale atomic.Bool
 
 	// ptOpen and cachedOpen count the open handles that use FUSE
 	// passthrough and those that do not; see wrapHandle. Protected by mu.
@@ -71,27 +71,42 @@ func (n *node) isRoot() bool { return n.loc.Load().parent == nil }
 
 // location returns where the object lives. A non-directory whose recorded
 // name was unlinked while other names remain takes one of those from the
-// go-fuse tree.
+// go-fuse tree. The new location replaces the stale one only if nothing
+// (a rename) replaced it meanwhile.
 func (n *node) location() *location {
-	loc := n.loc.Load()
-	if !n.locStale.Load() {
-		return loc
-	}
-	name, p := n.Inode.Parent()
-	if p == nil {
-		return loc
-	}
-	if pn, ok := p.Operations().(*node); ok {
-		if pn == loc.parent && name == loc.name {
+	for {
+		loc := n.loc.Load()
+		if !loc.stale {
+			return loc
+		}
+		name, p := n.Inode.Parent()
+		if p == nil {
+			return loc
+		}
+		pn, ok := p.Operations().(*node)
+		if !ok || pn == loc.parent && name == loc.name {
 			// go-fuse has not dropped the unlinked name yet.
 			return loc
 		}
 		nl := &location{parent: pn, name: name}
-		n.loc.Store(nl)
-		n.locStale.Store(false)
-		return nl
+		if n.loc.CompareAndSwap(loc, nl) {
+			return nl
+		}
 	}
-	return loc
+}
+
+// unlinked records that name in p, one of several names of n's object, was
+// unlinked: if it is the name n's location holds, that location is stale.
+func (n *node) unlinked(p *node, name string) {
+	for {
+		loc := n.loc.Load()
+		if loc.stale || loc.parent != p || loc.name != name {
+			return
+		}
+		if n.loc.CompareAndSwap(loc, &location{parent: p, name: name, stale: true}) {
+			return
+		}
+	}
 }
 
 // debugPath renders the node's path for log messages.
@@ -311,20 +326,25 @@ func (s *Stack) brokenOnCopyUp(e *entry) bool {
 // child node when it is the same object (its state refreshed unless it is
 // already in the upper layer, which only strata's own operations change),
 // or a new one.
+//
+// The identities are compared under the child's mu: copyUp holds it from
+// before the upper copy appears until the copy's identity is recorded, so
+// an entry that shows the fresh upper copy is not taken for another object.
 func (s *Stack) childFor(ctx context.Context, n *node, name string, e *entry) *node {
 	if ch := n.GetChild(name); ch != nil {
-		if cn, ok := ch.Operations().(*node); ok &&
-			ch.StableAttr().Mode == e.st.Mode&unix.S_IFMT &&
-			cn.ino == s.entryIdentity(e) {
+		if cn, ok := ch.Operations().(*node); ok && ch.StableAttr().Mode == e.st.Mode&unix.S_IFMT {
 			cn.mu.Lock()
-			if !cn.inUpperLocked() && !cn.removed {
+			same := cn.ino == s.entryIdentity(e)
+			if same && !cn.inUpperLocked() && !cn.removed {
 				cn.layer, cn.dirs = e.layer, e.dirs
 				if cn.setLocs(e.dirs) {
 					s.dropFds(cn, -1)
 				}
 			}
 			cn.mu.Unlock()
-			return cn
+			if same {
+				return cn
+			}
 		}
 	}
 	cn := s.newNode(n, name, e)

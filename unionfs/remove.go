@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -85,40 +86,53 @@ func (s *Stack) remove(ctx context.Context, p *node, name string, isDir bool) er
 	child.mu.Lock()
 	defer child.mu.Unlock()
 	inUpper := child.inUpperLocked() || e.layer == 0
-	switch {
-	case !inUpper:
-		if err := whiteout.Create(up.fd, name); err != nil {
-			return err
-		}
-	case isDir:
-		if err := s.removeUpperDir(up.fd, name, needWhiteout); err != nil {
-			return err
-		}
-	case needWhiteout:
-		tmp := s.copier.TempName()
-		if err := unix.Renameat2(up.fd, name, s.workFd, tmp, unix.RENAME_WHITEOUT); err != nil {
-			return fmt.Errorf("replace with whiteout: %w", err)
-		}
-		if err := unix.Unlinkat(s.workFd, tmp, 0); err != nil {
-			s.log.Error("cannot remove unlinked file from work dir", "path", tmp, "err", err)
-		}
-	default:
-		if err := unix.Unlinkat(up.fd, name, 0); err != nil {
-			return err
-		}
+	lastName := isDir || e.st.Nlink <= 1
+	restore := func() {}
+	if inUpper && lastName {
+		restore = s.forgetCopy(e.st.Ino)
 	}
-	if inUpper && (isDir || e.st.Nlink <= 1) {
-		s.forgetCopy(e.st.Ino)
+	if err := s.removeObject(up.fd, name, isDir, inUpper, needWhiteout); err != nil {
+		restore()
+		return err
 	}
-	if isDir || !inUpper || e.st.Nlink <= 1 {
+	if h := testHookRemoved.Load(); h != nil {
+		(*h)(name)
+	}
+	if !inUpper || lastName {
 		child.removed = true
 	} else {
-		child.locStale.Store(true)
+		child.unlinked(p, name)
 	}
 	if isDir {
 		s.dropFds(child, -1)
 	}
 	return nil
+}
+
+// testHookRemoved, if set, is called by remove with the name it just took
+// out of the upper dir (tests: export_test.go).
+var testHookRemoved atomic.Pointer[func(name string)]
+
+// removeObject removes name from the upper dir upfd: the upper object if
+// inUpper, leaving a whiteout if needWhiteout (always if not inUpper).
+func (s *Stack) removeObject(upfd int, name string, isDir, inUpper, needWhiteout bool) error {
+	switch {
+	case !inUpper:
+		return whiteout.Create(upfd, name)
+	case isDir:
+		return s.removeUpperDir(upfd, name, needWhiteout)
+	case needWhiteout:
+		tmp := s.copier.TempName()
+		if err := unix.Renameat2(upfd, name, s.workFd, tmp, unix.RENAME_WHITEOUT); err != nil {
+			return fmt.Errorf("replace with whiteout: %w", err)
+		}
+		if err := unix.Unlinkat(s.workFd, tmp, 0); err != nil {
+			s.log.Error("cannot remove unlinked file from work dir", "path", tmp, "err", err)
+		}
+		return nil
+	default:
+		return unix.Unlinkat(upfd, name, 0)
+	}
 }
 
 // removeUpperDir removes the upper copy name of a directory in the upper
@@ -156,11 +170,22 @@ func (s *Stack) isEmptyDir(ctx context.Context, n *node) (bool, error) {
 	return len(entries) <= 2, nil
 }
 
-// forgetCopy drops the identity recorded for an upper object that is
-// gone, so that a new object reusing its inode number is not mistaken for
-// it.
-func (s *Stack) forgetCopy(upperIno uint64) {
+// forgetCopy drops the identity recorded for upper object upperIno (see
+// rememberCopy), whose last name is about to go; restore puts it back if
+// the removal fails. It must run before the object's inode can be freed:
+// the upper filesystem may give the number to the next object it creates
+// at once (ext4 does), and a copy-up or create in another directory that
+// gets it then has its own record dropped, or takes this one's identity.
+// The kernel then sees a node with another st_ino under the name, and
+// strata's operations on that name act on a node the kernel does not use
+// while the kernel's node keeps a stale location.
+func (s *Stack) forgetCopy(upperIno uint64) (restore func()) {
 	s.copiedMu.Lock()
+	id, ok := s.copied[upperIno]
 	delete(s.copied, upperIno)
 	s.copiedMu.Unlock()
+	if !ok {
+		return func() {}
+	}
+	return func() { s.rememberCopy(upperIno, id) }
 }

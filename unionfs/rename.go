@@ -131,20 +131,30 @@ func (s *Stack) rename(ctx context.Context, op *node, oldName string, np *node, 
 	}
 	defer s.release(npUp)
 
+	// An upper target that loses its last name goes with the rename:
+	// forget its identity before its inode can be reused (see forgetCopy).
+	targetGoes := newExists && !exchange && ne.layer == 0 && (newIsDir || ne.st.Nlink <= 1)
+	restore := func() {}
+	if targetGoes {
+		restore = s.forgetCopy(ne.st.Ino)
+	}
 	if newIsDir && !exchange && ne.layer == 0 && !pureUpper(ne.dirs) {
 		// The target is a merged directory that shows nothing, but its
 		// upper copy may hold whiteouts: swap in an empty opaque
 		// directory first (ovl_clear_empty), so that rename can replace
 		// it.
 		if err := s.clearUpperDir(npUp.fd, newName); err != nil {
+			restore()
 			return err
 		}
+		restore = func() {} // the target's upper copy is gone
 	}
 	// A directory moved into a merged parent must not merge with what
 	// the layers below hold under its new name (ovl_set_opaque_xerr).
 	oldOpaque := isDir && merged(ndirs) && opacityOf(oldNode.dirsNow(), 0) != whiteout.Opaque
 	if oldOpaque {
 		if err := whiteout.SetOpaque(opUp.fd, oldName, s.ns); err != nil {
+			restore()
 			return err
 		}
 	}
@@ -169,6 +179,7 @@ func (s *Stack) rename(ctx context.Context, op *node, oldName string, np *node, 
 		realFlags, cleanupWhiteout = unix.RENAME_EXCHANGE, true
 	}
 	if err := unix.Renameat2(opUp.fd, oldName, npUp.fd, newName, realFlags); err != nil {
+		restore()
 		return err
 	}
 	if cleanupWhiteout {
@@ -192,12 +203,9 @@ func (s *Stack) rename(ctx context.Context, op *node, oldName string, np *node, 
 		if newIsDir || ne.layer != 0 || ne.st.Nlink <= 1 {
 			newNode.removed = true
 		} else {
-			newNode.locStale.Store(true)
+			newNode.unlinked(np, newName)
 		}
 		newNode.mu.Unlock()
-		if ne.layer == 0 && (newIsDir || ne.st.Nlink <= 1) {
-			s.forgetCopy(ne.st.Ino)
-		}
 		if newIsDir {
 			s.dropFds(newNode, -1)
 		}
