@@ -113,8 +113,10 @@ belong there, and the work dir. Each problem has a stable code:
   FOREIGN_MARKER       .wh. files, fuse-overlayfs or unionfs markers          (repair: convert .wh.
                        whiteouts/opaque markers in the upper dir to the kernel format)
   WRONG_NS             overlay xattrs of the other namespace (trusted/user)
-  BAD_MARKER           overlay.opaque/whiteout the kernel ignores             (repair: remove)
-  UNSUPPORTED_FEATURE  overlay.redirect, overlay.metacopy
+  BAD_MARKER           overlay.opaque/whiteout/redirect the kernel ignores    (repair: remove)
+  BAD_REDIRECT         overlay.redirect whose lookups fail: malformed (EINVAL),
+                       a ./.. component (EACCES), any with userxattr (EPERM)
+  UNSUPPORTED_FEATURE  overlay.metacopy
   WORK_LEFTOVER        entries left in workdir/work                           (repair: remove)
   WORK_OTHER_FS        upper and work dirs on different filesystems
   LAYER_OVERLAP        layer directories inside one another
@@ -201,7 +203,11 @@ func printExplanation(w io.Writer, x *inspect.Explanation) {
 	var b strings.Builder
 	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
 	for _, l := range x.Layers {
-		fmt.Fprintf(tw, "  %d %s %s\t%s\t%s\t%s\n", l.Index, l.Role, showPath(l.Path), holds(&l), l.State, l.Reason)
+		h := holds(&l)
+		if l.At != "" {
+			h = "at " + showPath(l.At) + ": " + h
+		}
+		fmt.Fprintf(tw, "  %d %s %s\t%s\t%s\t%s\n", l.Index, l.Role, showPath(l.Path), h, l.State, l.Reason)
 	}
 	tw.Flush()
 	writeTrimmed(w, b.String())

@@ -236,7 +236,8 @@ func (d *differ) upperNames(p string) (map[string]bool, error) {
 }
 
 // compare lists what differs between the object at q without the upper dir
-// (ro, lowers-only layer numbering) and with it (rn).
+// (ro, lowers-only layer numbering) and with it (rn). Each is read where
+// its resolution found it (LayerPath): a redirect may have moved it.
 func (d *differ) compare(q string, ro, rn *unionfs.Resolution) ([]string, error) {
 	var fields []string
 	a, b := &ro.Stat, &rn.Stat
@@ -244,7 +245,7 @@ func (d *differ) compare(q string, ro, rn *unionfs.Resolution) ([]string, error)
 	isDir := b.Mode&unix.S_IFMT == unix.S_IFDIR
 	switch b.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
-		same, err := d.sameData(q, oldLayer, a, b)
+		same, err := d.sameData(oldLayer, ro.LayerPath, rn.LayerPath, a, b)
 		if err != nil {
 			return nil, err
 		}
@@ -252,11 +253,11 @@ func (d *differ) compare(q string, ro, rn *unionfs.Resolution) ([]string, error)
 			fields = append(fields, "content")
 		}
 	case unix.S_IFLNK:
-		ta, err := d.target(oldLayer, q)
+		ta, err := d.target(oldLayer, ro.LayerPath)
 		if err != nil {
 			return nil, err
 		}
-		tb, err := d.target(rn.Layer, q)
+		tb, err := d.target(rn.Layer, rn.LayerPath)
 		if err != nil {
 			return nil, err
 		}
@@ -277,11 +278,11 @@ func (d *differ) compare(q string, ro, rn *unionfs.Resolution) ([]string, error)
 	if !isDir && a.Mtim != b.Mtim {
 		fields = append(fields, "mtime")
 	}
-	xa, err := d.xattrs(oldLayer, q)
+	xa, err := d.xattrs(oldLayer, ro.LayerPath)
 	if err != nil {
 		return nil, err
 	}
-	xb, err := d.xattrs(rn.Layer, q)
+	xb, err := d.xattrs(rn.Layer, rn.LayerPath)
 	if err != nil {
 		return nil, err
 	}
@@ -314,20 +315,21 @@ func (d *differ) xattrs(li int, q string) (map[string]string, error) {
 	return x, nil
 }
 
-// sameData reports whether two regular files hold the same bytes.
-func (d *differ) sameData(q string, oldLayer int, a, b *unix.Stat_t) (bool, error) {
+// sameData reports whether two regular files hold the same bytes: the old
+// one at path pa of oldLayer, the new one at pb of the upper dir.
+func (d *differ) sameData(oldLayer int, pa, pb string, a, b *unix.Stat_t) (bool, error) {
 	if a.Size != b.Size {
 		return false, nil
 	}
 	if a.Dev == b.Dev && a.Ino == b.Ino {
 		return true, nil
 	}
-	fa, err := d.s.openFile(oldLayer, q)
+	fa, err := d.s.openFile(oldLayer, pa)
 	if err != nil {
 		return false, err
 	}
 	defer fa.Close()
-	fb, err := d.s.openFile(0, q)
+	fb, err := d.s.openFile(0, pb)
 	if err != nil {
 		return false, err
 	}

@@ -29,7 +29,14 @@
 //
 // # What it does not do
 //
-// It mounts nothing and never follows a symlink inside a layer. It does not
-// implement redirect_dir, metacopy or index (strata does not either); fsck
-// reports layers that use them.
+// It mounts nothing and never follows a symlink inside a layer. Redirects
+// (overlay.redirect, written by kernel mounts with redirect_dir=on) are
+// followed as a mount follows them: every tool reads an object where the
+// resolution found it ([unionfs.Resolution].LayerPath, Looked), explain
+// names the redirects, diff shows a renamed directory as a deletion and an
+// addition, merge folds a redirect the upper dir and the top lower resolve
+// among themselves and refuses one that reaches the layers below (the new
+// layer would need it, and strata writes no redirects). metacopy and index
+// are not implemented (strata does not either); fsck reports layers that
+// use them, and redirects whose lookups fail.
 package inspect

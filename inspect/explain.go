@@ -1,6 +1,7 @@
 package inspect
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -44,6 +45,12 @@ type Explanation struct {
 	WhiteoutLayer int `json:"whiteout_layer"`
 	// MissingAt is the parent path that does not resolve to a directory.
 	MissingAt string `json:"missing_at,omitempty"`
+	// Failed is the error a lookup on the way fails with (a redirect the
+	// kernel rejects: EINVAL, EACCES, EPERM), "" when none does.
+	Failed string `json:"failed,omitempty"`
+	// Redirects lists the redirects the lookup follows on the way (written
+	// by a kernel mount with redirect_dir=on when it renamed a directory).
+	Redirects []Redirect `json:"redirects,omitempty"`
 	// Verdict says it in one line.
 	Verdict string `json:"verdict"`
 	// Layers says what each layer holds, top first.
@@ -54,6 +61,20 @@ type Explanation struct {
 type MergedDir struct {
 	Layer   int    `json:"layer"`   // layer index
 	Opacity string `json:"opacity"` // "y", "x" or "-"
+	// At is the copy's path in its layer when a redirect moved it.
+	At string `json:"at,omitempty"`
+}
+
+// Redirect is an overlay.redirect that a lookup follows: the layers below
+// the one holding it look the directory up where Value says instead.
+type Redirect struct {
+	// Path is the directory's path in the merged tree.
+	Path string `json:"path"`
+	// Layer holds the copy that carries it.
+	Layer int `json:"layer"`
+	// Value is the attribute as stored: "/a/b" is a path from the layer
+	// roots, a name without "/" another entry of the parent directory.
+	Value string `json:"value"`
 }
 
 // LayerView is what one layer holds at an explained path and what becomes
@@ -70,6 +91,12 @@ type LayerView struct {
 	Target string `json:"target,omitempty"`
 	// Opacity of a directory: "y" opaque, "x" holds xattr whiteouts.
 	Opacity string `json:"opacity,omitempty"`
+	// At is where the lookup looks in this layer when a redirect moved it
+	// from the explained path: Holds, Mode, ... describe what is there.
+	At string `json:"at,omitempty"`
+	// Redirect is the overlay.redirect of this layer's directory when the
+	// lookup follows it.
+	Redirect string `json:"redirect,omitempty"`
 	// BlockedAt: the layer holds nothing here because its copy of this
 	// parent is not a directory (BlockedBy says what it is).
 	BlockedAt string `json:"blocked_at,omitempty"`
@@ -105,6 +132,17 @@ type explainer struct {
 	comps  []string
 	res    []unionfs.Resolution // res[i] resolves comps[:i]
 	probes map[[2]int]Object    // (layer, depth) → object
+	// failedErr is why the lookup of comps[:len(res)] fails, if it does.
+	failedErr error
+}
+
+// at returns where the lookup of comps[:depth] looks in layer li: the
+// merged path, unless a redirect moved it.
+func (x *explainer) at(li, depth int) string {
+	if depth < len(x.res) && x.res[depth].Looked != nil {
+		return x.res[depth].Looked[li]
+	}
+	return joinPath(x.comps[:depth])
 }
 
 func (s *Stack) explain(path string) (Explanation, error) {
@@ -113,23 +151,47 @@ func (s *Stack) explain(path string) (Explanation, error) {
 		return Explanation{}, err
 	}
 	x := &explainer{s: s, comps: comps, probes: map[[2]int]Object{}}
-	// Resolve every prefix: the verdict at each level is the mount's.
+	// Resolve every prefix: the verdict at each level is the mount's. A
+	// lookup that fails (a redirect the kernel rejects) ends the path.
+	var failed error
 	for i := 0; i <= len(comps); i++ {
 		r, err := s.view.Resolve(joinPath(comps[:i]))
+		var errno unix.Errno
+		if err != nil && errors.As(err, &errno) {
+			failed, x.failedErr = err, err
+			break
+		}
 		if err != nil {
 			return Explanation{}, err
 		}
 		x.res = append(x.res, r)
 	}
-	r := x.res[len(comps)]
-	e := Explanation{Path: joinPath(comps), Found: r.Found, Layer: -1, WhiteoutLayer: r.WhiteoutLayer, MissingAt: r.MissingAt}
+	var r unionfs.Resolution
+	if failed == nil {
+		r = x.res[len(comps)]
+	}
+	e := Explanation{Path: joinPath(comps), Found: r.Found, Layer: -1, WhiteoutLayer: -1, MissingAt: r.MissingAt}
+	if failed == nil {
+		e.WhiteoutLayer = r.WhiteoutLayer
+	} else {
+		e.Failed = failed.Error()
+	}
 	if e.MissingAt != "" {
 		e.MissingAt = "/" + e.MissingAt
+	}
+	if len(x.res) > 0 {
+		for _, h := range x.res[len(x.res)-1].Redirects {
+			e.Redirects = append(e.Redirects, Redirect{Path: h.Path, Layer: h.Layer, Value: h.Value})
+		}
 	}
 	if r.Found {
 		e.Layer, e.Type = r.Layer, kindOf(&r.Stat).String()
 		for _, d := range r.Dirs {
-			e.Merged = append(e.Merged, MergedDir{Layer: d.Layer, Opacity: d.Opacity.String()})
+			md := MergedDir{Layer: d.Layer, Opacity: d.Opacity.String()}
+			if d.Path != e.Path {
+				md.At = d.Path
+			}
+			e.Merged = append(e.Merged, md)
 		}
 	}
 	n := len(comps)
@@ -139,6 +201,14 @@ func (s *Stack) explain(path string) (Explanation, error) {
 			return e, err
 		}
 		v := LayerView{Layer: l, Holds: o.Kind}
+		if at := x.at(li, n); at != e.Path {
+			v.At = at
+		}
+		for _, d := range r.Dirs {
+			if d.Layer == li {
+				v.Redirect = d.Redirect
+			}
+		}
 		if o.Kind != None {
 			if o.Kind != Symlink {
 				v.Mode = fmt.Sprintf("%04o", o.Stat.Mode&0o7777)
@@ -156,6 +226,10 @@ func (s *Stack) explain(path string) (Explanation, error) {
 			v.BlockedAt, v.BlockedBy = o.BlockedAt, o.BlockedBy
 		}
 		switch {
+		case failed != nil && o.Kind != None:
+			v.State, v.Reason = StateHidden, "the lookup fails on the way: "+failed.Error()
+		case failed != nil:
+			v.State = StateAbsent
 		case r.Found && li == r.Layer:
 			v.State = StateVisible
 		case r.Found && slices.ContainsFunc(r.Dirs, func(d unionfs.DirLayer) bool { return d.Layer == li }):
@@ -181,6 +255,13 @@ func (s *Stack) explain(path string) (Explanation, error) {
 	if e.Verdict, err = x.verdict(e.Layers); err != nil {
 		return e, err
 	}
+	if len(e.Redirects) > 0 {
+		var hops []string
+		for _, h := range e.Redirects {
+			hops = append(hops, fmt.Sprintf("%s (layer %d) -> %s", h.Path, h.Layer, h.Value))
+		}
+		e.Verdict += "; redirect followed: " + strings.Join(hops, ", ")
+	}
 	return e, nil
 }
 
@@ -190,7 +271,7 @@ func (x *explainer) probe(li, depth int) (Object, error) {
 	if o, ok := x.probes[k]; ok {
 		return o, nil
 	}
-	o, err := x.s.Probe(li, joinPath(x.comps[:depth]))
+	o, err := x.s.Probe(li, x.at(li, depth))
 	if err != nil {
 		return o, err
 	}
@@ -291,7 +372,14 @@ func (x *explainer) notes(li int, o Object) ([]string, error) {
 	if ns == whiteout.User {
 		other = whiteout.Trusted
 	}
-	err := x.s.withParent(li, joinPath(x.comps), func(dirfd int, name string) error {
+	if len(x.res) == len(x.comps)+1 && x.res[len(x.comps)].Found {
+		for _, d := range x.res[len(x.comps)].Dirs {
+			if d.Layer == li && d.Redirect != "" {
+				notes = append(notes, redirectNote(d.Redirect))
+			}
+		}
+	}
+	err := x.s.withParent(li, x.at(li, len(x.comps)), func(dirfd int, name string) error {
 		if o.Kind == XattrWhiteout {
 			if li == 0 && x.s.upper {
 				notes = append(notes, "an xattr whiteout in the upper dir: lookup hides the name, but kernel readdir lists it (xattr whiteouts are a lower-layer format)")
@@ -317,8 +405,20 @@ func (x *explainer) notes(li int, o Object) ([]string, error) {
 	return notes, err
 }
 
+// redirectNote explains a followed redirect value.
+func redirectNote(value string) string {
+	if strings.HasPrefix(value, "/") {
+		return fmt.Sprintf("redirect %q followed: the layers below hold this directory at %s (a kernel mount with redirect_dir=on renamed it)", value, value)
+	}
+	return fmt.Sprintf("redirect %q followed: the layers below hold this directory as %q in the parent directory (a kernel mount with redirect_dir=on renamed it)", value, value)
+}
+
 // verdict says in one line what the path resolves to.
 func (x *explainer) verdict(views []LayerView) (string, error) {
+	if len(x.res) <= len(x.comps) {
+		at := joinPath(x.comps[:len(x.res)])
+		return fmt.Sprintf("not visible: the lookup of %s fails: %s", at, x.failedErr), nil
+	}
 	r := x.res[len(x.comps)]
 	layers := x.s.layers
 	if r.Found {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 
@@ -47,12 +48,20 @@ const (
 	WrongNS = "WRONG_NS"
 	// BadMarker: an overlay marker the kernel ignores: overlay.opaque with
 	// a value other than "y" or "x", on a non-directory or ("y") on a layer
-	// root; overlay.whiteout on anything but a zero-size regular file.
-	// Repair removes it from the upper dir.
+	// root; overlay.whiteout on anything but a zero-size regular file;
+	// overlay.redirect on a non-directory or an opaque directory. Repair
+	// removes it from the upper dir.
 	BadMarker = "BAD_MARKER"
-	// UnsupportedFeature: overlay.redirect or overlay.metacopy, written by
-	// a kernel mount with redirect_dir=on or metacopy=on; strata (and the
-	// kernel without those options) shows a different tree.
+	// BadRedirect: an overlay.redirect that makes the lookups of its
+	// directory fail: a malformed value (EINVAL), a "." or ".." component
+	// (EACCES once reached), or any redirect in a userxattr stack, where
+	// the kernel does not follow redirects (EPERM). Not repaired: where
+	// the directory's lower copies are is unknown.
+	BadRedirect = "BAD_REDIRECT"
+	// UnsupportedFeature: overlay.metacopy, written by a kernel mount with
+	// metacopy=on; strata (and the kernel without metacopy) shows a
+	// different tree. (Redirects, written with redirect_dir=on, are
+	// followed as the kernel does.)
 	UnsupportedFeature = "UNSUPPORTED_FEATURE"
 	// WorkLeftover: entries in workdir/work, left by a crash or an
 	// interrupted copy-up (the next mount clears them). Repair removes
@@ -217,7 +226,6 @@ func Check(o unionfs.Options, opts CheckOptions) (*FsckReport, error) {
 // checker holds one pass of Check.
 type checker struct {
 	s     *Stack
-	lo    *unionfs.Stack
 	o     unionfs.Options
 	ns    whiteout.NS
 	other whiteout.NS
@@ -261,10 +269,6 @@ func (c *checker) close() {
 }
 
 func (c *checker) run(workOK bool) error {
-	var err error
-	if c.lo, err = c.s.lowersOnly(); err != nil {
-		return err
-	}
 	for li := range c.s.layers {
 		if err := c.walkLayer(li); err != nil {
 			return err
@@ -442,6 +446,12 @@ type upperDir struct {
 	// a lower layer holds a directory there).
 	merged bool
 	names  map[string]bool
+	// lowers are its lower copies, top first, where the lookup found them
+	// (a redirect may have moved them).
+	lowers []unionfs.DirLayer
+	// refused: its lookup fails (a redirect the kernel rejects, reported
+	// as BAD_REDIRECT): what its whiteouts hide is unknown.
+	refused bool
 }
 
 func (c *checker) upperDir(fd int, p string, ents []dirEntry) (*upperDir, error) {
@@ -462,28 +472,45 @@ func (c *checker) upperDir(fd int, p string, ents []dirEntry) (*upperDir, error)
 		d.willBeOpaque = true
 	}
 	r, err := c.s.view.Resolve(p)
+	if err != nil && lookupRefused(err) {
+		d.refused = true
+		return d, nil
+	}
 	if err != nil {
 		return nil, err
 	}
 	d.merged = len(r.Dirs) > 1
+	if d.merged {
+		d.lowers = r.Dirs[1:]
+	}
 	return d, nil
 }
 
 // hides reports whether a whiteout named name in upper directory d would
-// hide something: d merges lower directories, and the lowers show name.
+// hide something: d merges lower directories, and the first of them that
+// holds name holds something else than a whiteout
+// (fs/overlayfs/namei.c:ovl_lower_positive).
 func (c *checker) hides(d *upperDir, name string) (bool, error) {
-	if d.opaque || !d.merged || c.lo == nil {
+	if d.opaque || !d.merged {
 		return false, nil
 	}
-	r, err := c.lo.Resolve(child(d.path, name))
-	if err != nil {
-		return false, err
+	for _, l := range d.lowers {
+		o, err := c.s.Probe(l.Layer, child(l.Path, name))
+		if err != nil {
+			return false, err
+		}
+		if o.Kind != None {
+			return !o.Kind.IsWhiteout(), nil
+		}
 	}
-	return r.Found, nil
+	return false, nil
 }
 
 // upperWhiteout checks a whiteout of the upper dir.
 func (c *checker) upperWhiteout(q string, e *dirEntry, d *upperDir) error {
+	if d.refused {
+		return nil
+	}
 	remove := func() error { return c.unlink(q) }
 	if d.opaque {
 		c.add(Problem{Code: WhiteoutInOpaque, Severity: SeverityError, Layer: 0, Role: "upper", Path: q,
@@ -732,11 +759,64 @@ func (c *checker) ownMarker(li, dirfd int, q, name string, e *dirEntry, x string
 			bad(fmt.Sprintf("%s on a %s: only a zero-size regular file is an xattr whiteout", x, e.kind))
 		}
 	case "redirect":
-		c.add(Problem{Code: UnsupportedFeature, Severity: SeverityError, Layer: li, Role: role, Path: q,
-			Message: x + ": a directory renamed by a kernel mount with redirect_dir=on; strata (and the kernel without redirect_dir) does not follow the redirect, so the renamed directory's lower entries do not show here"})
+		c.ownMarkers++
+		return c.redirectMarker(li, dirfd, q, name, e, x, root, bad)
 	case "metacopy":
 		c.add(Problem{Code: UnsupportedFeature, Severity: SeverityError, Layer: li, Role: role, Path: q,
 			Message: x + ": a metadata-only copy-up (metacopy=on) whose data stays in a lower file; strata shows this layer's copy, without that data"})
+	}
+	return nil
+}
+
+// redirectMarker checks overlay.redirect x of entry q (name in dirfd) of
+// layer li as a lookup reads it (fs/overlayfs/namei.c:ovl_lookup_single,
+// ovl_check_redirect): only on a directory that is not opaque and not in
+// the bottom layer; bad reports a marker the kernel ignores.
+func (c *checker) redirectMarker(li, dirfd int, q, name string, e *dirEntry, x string, root bool, bad func(string)) error {
+	role := c.s.layers[li].Role
+	v, err := sysx.GetxattrAll(dirfd, name, x)
+	if sysx.IsNoAttr(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("%s: read %s of %s: %w", c.s.layers[li], x, q, err)
+	}
+	switch {
+	case root || li == len(c.s.layers)-1:
+		return nil // never read: a layer root is not looked up; nothing lies below the bottom layer
+	case e.kind != Dir:
+		if !slices.Contains(e.xattrs, c.ns.Prefix()+"metacopy") { // a metacopy file's data redirect: see metacopy
+			bad(fmt.Sprintf("%s on a %s: only directories are redirected, the kernel ignores it", x, e.kind))
+		}
+		return nil
+	}
+	op, err := whiteout.GetOpacity(dirfd, name, c.ns)
+	if err != nil {
+		return err
+	}
+	if op == whiteout.Opaque {
+		bad(fmt.Sprintf("%s on an opaque directory: it merges nothing below, so the kernel ignores the redirect", x))
+		return nil
+	}
+	fail := func(msg string) {
+		c.add(Problem{Code: BadRedirect, Severity: SeverityError, Layer: li, Role: role, Path: q, Message: msg})
+	}
+	r, err := whiteout.ParseRedirect(v)
+	switch {
+	case err != nil:
+		fail(fmt.Sprintf("%s=%q is malformed (a redirect is /path/from/the/layer/roots or one name): lookups of this directory fail with EINVAL", x, v))
+	case slices.Contains(append(r.Comps, r.Name), "..") || slices.Contains(append(r.Comps, r.Name), "."):
+		fail(fmt.Sprintf("%s=%q names . or ..: lookups that reach that component fail with EACCES", x, v))
+	case c.ns == whiteout.User:
+		// With userxattr the kernel reads a redirect when a layer below
+		// holds the parent directory (the lookup goes on there).
+		parent := q[:strings.LastIndexByte(q, '/')+1]
+		for j := li + 1; j < len(c.s.layers); j++ {
+			if o, err := c.s.Probe(j, parent); err == nil && o.Kind == Dir {
+				fail(fmt.Sprintf("%s=%q: with userxattr the kernel does not follow redirects (redirect_dir=nofollow), so lookups of this directory fail with EPERM", x, v))
+				break
+			}
+		}
 	}
 	return nil
 }

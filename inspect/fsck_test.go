@@ -37,8 +37,16 @@ func problemStack(t *testing.T) unionfs.Options {
 				uniontest.File(".wh.bar", "", 0o644),
 				uniontest.Dir("wrongns", 0o755),
 				uniontest.Xattr("wrongns", other(ns).Opaque(), "y"),
+				// Redirects: followed (no problem), malformed, with a ".."
+				// component, and a metacopy file (not followed).
 				uniontest.Dir("redir", 0o755),
 				uniontest.PrivateXattr("redir", "redirect", "/elsewhere"),
+				uniontest.Dir("badredir", 0o755),
+				uniontest.PrivateXattr("badredir", "redirect", "a/b"),
+				uniontest.Dir("dotredir", 0o755),
+				uniontest.PrivateXattr("dotredir", "redirect", "/x/../y"),
+				uniontest.File("mc", "", 0o644),
+				uniontest.PrivateXattr("mc", "metacopy", ""),
 			},
 			{
 				uniontest.File("ux/f", "f", 0o644),
@@ -50,6 +58,9 @@ func problemStack(t *testing.T) unionfs.Options {
 				uniontest.File("op/lower", "l", 0o644),
 				uniontest.File("fo/lf", "lf", 0o644),
 				uniontest.File("keep", "k", 0o644),
+				uniontest.File("old/x", "x", 0o644),
+				uniontest.Dir("bot", 0o755), // the bottom layer: its redirect is never read
+				uniontest.PrivateXattr("bot", "redirect", "a/b"),
 			},
 		},
 		upper: uniontest.Layer{
@@ -68,6 +79,17 @@ func problemStack(t *testing.T) unionfs.Options {
 			uniontest.PrivateXattr("bad", "opaque", "z"),
 			uniontest.File("ofile", "", 0o644),
 			uniontest.PrivateXattr("ofile", "opaque", "y"),
+			// A directory renamed with redirect_dir=on: the whiteout inside
+			// hides what its redirect finds.
+			uniontest.Dir("rd", 0o755),
+			uniontest.PrivateXattr("rd", "redirect", "/old"),
+			uniontest.Whiteout("rd/x"),
+			uniontest.Whiteout("old"),
+			// Redirects the kernel ignores.
+			uniontest.File("rfile", "", 0o644),
+			uniontest.PrivateXattr("rfile", "redirect", "/old"),
+			uniontest.Opaque("ropq"),
+			uniontest.PrivateXattr("ropq", "redirect", "/old"),
 		},
 	})
 	work := filepath.Join(o.Work, "work")
@@ -105,7 +127,9 @@ func checkCodes(t *testing.T, what string, got []inspect.Problem, want []string)
 
 var lowerProblems = []string{
 	"lower /.wh.bar FOREIGN_MARKER",
-	"lower /redir UNSUPPORTED_FEATURE",
+	"lower /badredir BAD_REDIRECT",
+	"lower /dotredir BAD_REDIRECT",
+	"lower /mc UNSUPPORTED_FEATURE",
 	"lower /ux/f XWHITEOUT_UNMARKED",
 	"lower /wrongns WRONG_NS",
 }
@@ -133,6 +157,8 @@ func TestFsckFindsAndRepairs(t *testing.T) {
 		"upper /orig FOREIGN_MARKER",
 		"upper /bad BAD_MARKER",
 		"upper /ofile BAD_MARKER",
+		"upper /rfile BAD_MARKER",
+		"upper /ropq BAD_MARKER",
 		"work work/#strata.1.1 WORK_LEFTOVER",
 		"work work/incompat/volatile VOLATILE_DIRTY",
 	}, lowerProblems...)
@@ -156,8 +182,8 @@ func TestFsckFindsAndRepairs(t *testing.T) {
 			t.Errorf("repair %s %s: %s", r.Code, r.Path, r.Error)
 		}
 	}
-	if rep.Corrected() != 10 || rep.ExitCode() != 5 {
-		t.Errorf("repair: %d corrected, exit %d; want 10, 5 (1 corrected + 4 left)", rep.Corrected(), rep.ExitCode())
+	if rep.Corrected() != 12 || rep.ExitCode() != 5 {
+		t.Errorf("repair: %d corrected, exit %d; want 12, 5 (1 corrected + 4 left)", rep.Corrected(), rep.ExitCode())
 	}
 	checkCodes(t, "left after repair", rep.Remaining, append([]string{
 		"upper /orig FOREIGN_MARKER",

@@ -290,6 +290,9 @@ func (m *merger) walk(ctx context.Context, p string, fd int, below bool) error {
 		shown[e.Name] = true
 		q := child(p, e.Name)
 		r, err := m.s.view.Resolve(q)
+		if err != nil && lookupRefused(err) {
+			return fmt.Errorf("%s: its lookup fails (%w); see strata fsck: not merged", q, err)
+		}
 		if err != nil {
 			return err
 		}
@@ -338,18 +341,46 @@ func (m *merger) walk(ctx context.Context, p string, fd int, below bool) error {
 	return nil
 }
 
-// topLowerHas reports whether the top lower layer's object at q satisfies
-// f (used to tell carried markers from new ones).
+// topLowerHas reports whether the top lower layer's object at q (where
+// the stack's lookup of q looks in that layer) satisfies f (used to tell
+// carried markers from new ones).
 func (m *merger) topLowerHas(q string, f func(Object) bool) (bool, error) {
-	o, err := m.s.Probe(1, q)
+	p := q
+	if r, err := m.s.view.Resolve(q); err == nil && r.Looked != nil {
+		p = r.Looked[1]
+	}
+	if p != q {
+		return false, nil // moved by a redirect: not as the top lower has it
+	}
+	o, err := m.s.Probe(1, p)
 	if err != nil {
 		return false, err
 	}
 	return f(o), nil
 }
 
+// checkRedirects refuses a directory whose copies in the layers that stay
+// below the new layer are found through a redirect of the upper dir or the
+// top lower: the new layer would have to carry that redirect, and merge
+// writes no private xattrs (strata never writes redirects).
+func (m *merger) checkRedirects(q string, r *unionfs.Resolution) error {
+	for i, d := range r.Dirs {
+		if d.Layer >= 2 || d.Redirect == "" || !mergesBelow(r.Dirs[i+1:]) {
+			continue
+		}
+		return fmt.Errorf("%s: its copy in %s carries %s=%q (a directory renamed by a kernel mount with redirect_dir=on), "+
+			"which finds the directory's content in the layers that stay below the new layer; the new layer would need that redirect, "+
+			"and strata writes none: not merged (mount the stack, copy the directory to a new name and remove the old one, then merge)",
+			q, m.s.layers[d.Layer], m.ns.Redirect(), d.Redirect)
+	}
+	return nil
+}
+
 // dir places directory q (name in the directory open as fd).
 func (m *merger) dir(ctx context.Context, q, name string, fd int, r *unionfs.Resolution, parentBelow bool) error {
+	if err := m.checkRedirects(q, r); err != nil {
+		return err
+	}
 	below := mergesBelow(r.Dirs)
 	opaque := false
 	if !below && parentBelow && m.below != nil {
@@ -359,10 +390,10 @@ func (m *merger) dir(ctx context.Context, q, name string, fd int, r *unionfs.Res
 		}
 		opaque = lr.Found && lr.Stat.Mode&unix.S_IFMT == unix.S_IFDIR
 	}
-	m.step(MergeStep{Op: "dir", Path: q, From: r.Layer, Type: "directory", Carried: r.Layer == 1})
+	m.step(MergeStep{Op: "dir", Path: q, From: r.Layer, Type: "directory", Carried: r.Layer == 1 && r.LayerPath == q})
 	cfd := -1
 	if m.apply {
-		if err := m.s.withParent(r.Layer, q, func(src int, n string) error {
+		if err := m.s.withParent(r.Layer, r.LayerPath, func(src int, n string) error {
 			return m.copier.Object(ctx, src, n, &r.Stat, fd, name)
 		}); err != nil {
 			return fmt.Errorf("%s: %w", q, err)
@@ -392,14 +423,15 @@ func (m *merger) dir(ctx context.Context, q, name string, fd int, r *unionfs.Res
 // object places non-directory q (name in the directory open as fd).
 func (m *merger) object(ctx context.Context, q, name string, fd int, r *unionfs.Resolution) error {
 	typ := kindOf(&r.Stat).String()
+	carried := r.Layer == 1 && r.LayerPath == q // placed where the top lower has it
 	if m.into && r.Layer == 1 {
 		// The top lower's own object: hard-link it into the new layer,
 		// which replaces the old one.
-		m.step(MergeStep{Op: "link", Path: q, From: 1, Type: typ, Carried: true})
+		m.step(MergeStep{Op: "link", Path: q, From: 1, Type: typ, Carried: carried})
 		if !m.apply {
 			return nil
 		}
-		err := m.s.withParent(1, q, func(src int, n string) error { return unix.Linkat(src, n, fd, name, 0) })
+		err := m.s.withParent(1, r.LayerPath, func(src int, n string) error { return unix.Linkat(src, n, fd, name, 0) })
 		if err == nil {
 			return nil
 		}
@@ -411,7 +443,7 @@ func (m *merger) object(ctx context.Context, q, name string, fd int, r *unionfs.
 	}
 	key := [2]uint64{r.Stat.Dev, r.Stat.Ino}
 	if first, ok := m.links[key]; ok && r.Stat.Nlink > 1 {
-		m.step(MergeStep{Op: "link", Path: q, From: r.Layer, Type: typ, LinkTo: first, Carried: r.Layer == 1})
+		m.step(MergeStep{Op: "link", Path: q, From: r.Layer, Type: typ, LinkTo: first, Carried: carried})
 		if m.apply {
 			if err := unix.Linkat(m.root, first[1:], fd, name, 0); err != nil {
 				return fmt.Errorf("link %s to %s: %w", q, first, err)
@@ -422,11 +454,11 @@ func (m *merger) object(ctx context.Context, q, name string, fd int, r *unionfs.
 	if r.Stat.Nlink > 1 {
 		m.links[key] = q
 	}
-	m.step(MergeStep{Op: "copy", Path: q, From: r.Layer, Type: typ, Carried: r.Layer == 1})
+	m.step(MergeStep{Op: "copy", Path: q, From: r.Layer, Type: typ, Carried: carried})
 	if !m.apply {
 		return nil
 	}
-	return m.s.withParent(r.Layer, q, func(src int, n string) error {
+	return m.s.withParent(r.Layer, r.LayerPath, func(src int, n string) error {
 		if err := m.copier.Object(ctx, src, n, &r.Stat, fd, name); err != nil {
 			return fmt.Errorf("%s: %w", q, err)
 		}

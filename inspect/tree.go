@@ -52,7 +52,7 @@ func (s *Stack) Tree() (Tree, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := w.add(s, "/", root.Layer, &root.Stat); err != nil {
+	if err := w.add(s, "/", root.Layer, root.LayerPath, &root.Stat); err != nil {
 		return nil, err
 	}
 	if err := s.treeDir(w, "/"); err != nil {
@@ -70,14 +70,14 @@ func (s *Stack) treeDir(w *treeWalk, p string) error {
 	for _, e := range ents {
 		q := child(p, e.Name)
 		r, err := s.view.Resolve(q)
-		if err != nil {
+		if err != nil && !lookupRefused(err) {
 			return err
 		}
-		if !r.Found {
+		if err != nil || !r.Found {
 			w.nodes = append(w.nodes, Node{Path: q, Type: "unresolvable"})
 			continue
 		}
-		if err := w.add(s, q, r.Layer, &r.Stat); err != nil {
+		if err := w.add(s, q, r.Layer, r.LayerPath, &r.Stat); err != nil {
 			return err
 		}
 		if r.Stat.Mode&unix.S_IFMT == unix.S_IFDIR {
@@ -94,10 +94,11 @@ type treeWalk struct {
 	links map[[2]uint64]string // (dev, ino) → first path
 }
 
-// add appends the object at p, decided by layer li with lstat st.
-func (w *treeWalk) add(s *Stack, p string, li int, st *unix.Stat_t) error {
+// add appends the object at p, decided by layer li, where it is at lp
+// (p, unless a redirect moved a parent), with lstat st.
+func (w *treeWalk) add(s *Stack, p string, li int, lp string, st *unix.Stat_t) error {
 	n := nodeOf(p, st)
-	err := s.withParent(li, p, func(dirfd int, name string) error {
+	err := s.withParent(li, lp, func(dirfd int, name string) error {
 		var err error
 		if n.Xattrs, err = visibleXattrs(dirfd, name, s.NS()); err != nil {
 			return err
@@ -187,9 +188,10 @@ func dirTree(w *treeWalk, fd int, p string) error {
 		q := child(p, name)
 		var st unix.Stat_t
 		if err := unix.Fstatat(fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			if errors.Is(err, unix.ENOENT) {
+			if errors.Is(err, unix.ENOENT) || lookupRefused(err) {
 				// A name the listing shows but lookup refuses: the
-				// kernel lists whiteouts in non-merged dirs this way.
+				// kernel lists whiteouts in non-merged dirs this way,
+				// and directories whose redirect it rejects.
 				w.nodes = append(w.nodes, Node{Path: q, Type: "unresolvable"})
 				continue
 			}
@@ -230,6 +232,14 @@ func dirTree(w *treeWalk, fd int, p string) error {
 		}
 	}
 	return nil
+}
+
+// lookupRefused reports whether err is a lookup's refusal of a listed
+// name that a mount gives too: a redirect the kernel rejects (EINVAL,
+// EACCES, EPERM) or a directory that shares its origin with another
+// (ESTALE).
+func lookupRefused(err error) bool {
+	return errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) || errors.Is(err, unix.ESTALE)
 }
 
 func digest(f *os.File) (string, error) {
