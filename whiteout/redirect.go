@@ -85,6 +85,14 @@ func ReadRedirect(dirfd int, name string, ns NS) (val []byte, ok bool, err error
 		return append([]byte(nil), buf[:n]...), true, nil
 	case errors.Is(err, unix.ERANGE):
 		val, err = sysx.GetxattrAll(dirfd, name, ns.Redirect())
+	case errors.Is(err, unix.EACCES):
+		// No read permission on the directory (an unprivileged mounter
+		// on a mode-0 one): without the attribute in its name list,
+		// which needs none, there is no redirect. A present but
+		// unreadable one stays an error.
+		if ok, lerr := listed(dirfd, name, ns.Redirect()); lerr == nil && !ok {
+			return nil, false, nil
+		}
 	}
 	if sysx.IsNoAttr(err) {
 		return nil, false, nil
