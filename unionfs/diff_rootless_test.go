@@ -37,9 +37,11 @@ import (
 // targets alike), and a case whose fixture holds a device node other than
 // a 0/0 whiteout is skipped (see uniontest.Unprivileged). Operations that
 // need privilege (chown to others, mknod of devices, trusted.* xattrs)
-// stay in: both targets must refuse them alike. rootlessDiverge lists the
-// differences from kernel overlay that exist only without privilege, with
-// the reason; they are logged, not failed.
+// stay in: both targets must refuse them alike. rootlessKnown lists, with
+// the reason, the cases whose fixture needs privilege in a way the fixture
+// data does not tell, and the differences from kernel overlay that exist
+// only without privilege (logged, not failed; one that disappears fails,
+// so that its entry goes).
 //
 // With STRATA_REQUIRE_MOUNT=1 a missing tool or target fails the test
 // instead of skipping it. Rerun one mode or case with
@@ -48,7 +50,7 @@ func TestDiffRootless(t *testing.T) {
 	if mode := ut.RootlessChild(); mode != "" {
 		t.Run(string(mode), func(t *testing.T) {
 			cases := append(readCases(), append(matrixCases(), writeCases()...)...)
-			ut.RunUnprivileged(t, mode.Config(), cases, rootlessDiverge)
+			ut.RunUnprivileged(t, mode.Config(), cases, rootlessKnown)
 		})
 		return
 	}
@@ -57,16 +59,26 @@ func TestDiffRootless(t *testing.T) {
 	}
 }
 
-// rootlessDiverge: the known differences from kernel overlay in a user
-// namespace, by case, with why (both modes).
-var rootlessDiverge = func() map[string]string {
-	m := map[string]string{
-		// Kernel overlay refuses what it may not follow, strata ignores
-		// it (the trusted-namespace run differs the other way: the kernel
-		// follows redirects there).
-		"redirect-xattr-in-upper": "with userxattr the kernel forces redirect_dir=nofollow and refuses a directory " +
-			"carrying overlay.redirect with EPERM (fs/overlayfs/params.c, namei.c: \"refusing to follow redirect\"); " +
-			"strata shows the upper directory as it is",
+// rootlessKnown: what the rootless runs (both modes) know of cases
+// beforehand, with why.
+var rootlessKnown = func() map[string]ut.Known {
+	m := map[string]ut.Known{
+		"redirect-upper-written-by-kernel": {Skip: "its upper is written by a kernel overlay mount with redirect_dir=on, " +
+			"which needs privilege (a userxattr mount refuses redirect_dir=on)"},
+		// Reported, not fixed here: strata's redirect handling under
+		// userxattr (new code) differs from the kernel's in listings.
+		"redirect-malformed-in-impure-dir": {Diverge: "with userxattr, kernel overlay fails the readdir of the merged " +
+			"impure directory holding redirected directories with EPERM; strata lists it (without those)"},
+	}
+	// With userxattr a lookup that reads a redirect fails with EPERM on
+	// both targets. Kernel overlay (whose upper root ends up impure) also
+	// leaves such a directory out of its parent's listing (a failed
+	// lookup while computing d_ino makes the entry stale,
+	// fs/overlayfs/readdir.c:ovl_cache_update); strata lists the name,
+	// whose lstat then fails with EPERM.
+	for _, name := range []string{"redirect-in-middle-lower-under-upper", "redirect-to-merged-dir", "redirect-to-missing", "redirect-malformed"} {
+		m[name] = ut.Known{Diverge: "with userxattr kernel overlay leaves a directory whose lookup fails with EPERM " +
+			"(a redirect it may not follow) out of its parent's listing; strata lists it"}
 	}
 	// Without CAP_DAC_READ_SEARCH in the initial namespace the kernel
 	// cannot encode file handles (fs/overlayfs/util.c:ovl_can_decode_fh),
@@ -90,8 +102,8 @@ var rootlessDiverge = func() map[string]string {
 		"link-lower-file-nlink-two",
 		"write-then-rename-then-link",
 	} {
-		m[name] = "hard link to a copied-up lower file: kernel overlay without privilege stores an empty origin " +
-			"and shows two st_ino for one file (ovl_can_decode_fh needs CAP_DAC_READ_SEARCH); strata shows one"
+		m[name] = ut.Known{Diverge: "hard link to a copied-up lower file: kernel overlay without privilege stores an empty origin " +
+			"and shows two st_ino for one file (ovl_can_decode_fh needs CAP_DAC_READ_SEARCH); strata shows one"}
 	}
 	return m
 }()

@@ -394,22 +394,31 @@ func (s skipCatcher) Fatalf(format string, args ...any) {
 	s.TB.Fatalf(format, args...)
 }
 
+// Known is what a rootless run knows of a case beforehand.
+type Known struct {
+	// Skip says why the case cannot run without privilege (for what
+	// [Unprivileged] cannot tell from the fixture, such as a Func
+	// applier that mounts).
+	Skip string
+	// Diverge says why strata differs from kernel overlay only without
+	// privilege; it replaces the case's Diverge (a difference is logged,
+	// no difference fails).
+	Diverge string
+}
+
 // RunUnprivileged runs cases with cfg as subtests of t, in a rootless
 // child: each case is first adapted with [Unprivileged] to what this
-// process may build (and skipped when it cannot run at all). diverge names
-// the cases whose difference from kernel overlay is known only without
-// privilege, with why: it replaces the case's Diverge (so a difference is
-// logged, and no difference fails). Every outcome is reported to the
-// parent.
-func RunUnprivileged(t *testing.T, cfg Config, cases []Case, diverge map[string]string) {
+// process may build (and skipped when it cannot run at all); known holds
+// the rest, by case name. Every outcome is reported to the parent.
+func RunUnprivileged(t *testing.T, cfg Config, cases []Case, known map[string]Known) {
 	t.Helper()
 	catch := skipCatcher{t}
 	RequireMknod(catch)
 	cfg.Oracle.Require(catch)
 	cfg.Subject.Require(catch)
-	for name := range diverge {
+	for name := range known {
 		if !hasCase(cases, name) {
-			t.Errorf("rootless divergence listed for %q, which is no case", name)
+			t.Errorf("rootless knowledge of %q, which is no case", name)
 		}
 	}
 	uid, gid := os.Geteuid(), os.Getegid()
@@ -426,7 +435,11 @@ func RunUnprivileged(t *testing.T, cfg Config, cases []Case, diverge map[string]
 					report("pass", c.Name, "")
 				}
 			})
+			k := known[c.Name]
 			ac, dropped, why := Unprivileged(c, uid, gid)
+			if why == "" {
+				why = k.Skip
+			}
 			if why != "" {
 				skipReason = why
 				t.Skip(why)
@@ -435,8 +448,8 @@ func RunUnprivileged(t *testing.T, cfg Config, cases []Case, diverge map[string]
 				report("adapted", c.Name, strings.Join(dropped, "; "))
 				t.Logf("fixture without privilege: left out %s", strings.Join(dropped, "; "))
 			}
-			if d := diverge[c.Name]; d != "" {
-				ac.Diverge = d
+			if k.Diverge != "" {
+				ac.Diverge = k.Diverge
 			}
 			cfg.Run(t, ac)
 		})
