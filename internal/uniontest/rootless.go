@@ -556,21 +556,7 @@ func (k userNSKernel) Require(t testing.TB) {
 
 func (k userNSKernel) Mount(t testing.TB, o unionfs.Options) *Mounted {
 	t.Helper()
-	o = cloneOptions(o)
-	if err := o.Resolve(); err != nil {
-		t.Fatalf("%s: resolve options: %v", k.name, err)
-	}
-	data, err := o.KernelData()
-	if err != nil {
-		t.Fatalf("%s: kernel data: %v", k.name, err)
-	}
-	if len(data) >= os.Getpagesize() {
-		t.Fatalf("%s: mount data of %d bytes exceeds a page", k.name, len(data))
-	}
-	var flags uintptr
-	if o.ReadOnly {
-		flags |= unix.MS_RDONLY
-	}
+	data, flags := kernelMountArgs(t, k.name, o)
 	h, err := theUserNSHelper()
 	if err != nil {
 		t.Fatalf("%s: %v", k.name, err)

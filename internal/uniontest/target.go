@@ -104,21 +104,7 @@ func (k kernelTarget) Require(t testing.TB) {
 
 func (k kernelTarget) Mount(t testing.TB, o unionfs.Options) *Mounted {
 	t.Helper()
-	o = cloneOptions(o)
-	if err := o.Resolve(); err != nil {
-		t.Fatalf("%s: resolve options: %v", k.name, err)
-	}
-	data, err := o.KernelData()
-	if err != nil {
-		t.Fatalf("%s: kernel data: %v", k.name, err)
-	}
-	if len(data) >= os.Getpagesize() {
-		t.Fatalf("%s: mount data of %d bytes exceeds a page", k.name, len(data))
-	}
-	var flags uintptr
-	if o.ReadOnly {
-		flags |= unix.MS_RDONLY
-	}
+	data, flags := kernelMountArgs(t, k.name, o)
 	mnt := t.TempDir()
 	if err := unix.Mount("uniontest", mnt, "overlay", flags, data); err != nil {
 		t.Fatalf("%s: mount -t overlay -o %s %s: %v", k.name, data, mnt, err)
@@ -126,6 +112,28 @@ func (k kernelTarget) Mount(t testing.TB, o unionfs.Options) *Mounted {
 	return newMounted(t, k.name, mnt,
 		func() error { return retryBusy(func() error { return unix.Unmount(mnt, 0) }) },
 		func() error { return unix.Unmount(mnt, unix.MNT_DETACH) })
+}
+
+// kernelMountArgs renders o as mount(2) data and flags for kernel overlay
+// target name, failing t when that is impossible.
+func kernelMountArgs(t testing.TB, name string, o unionfs.Options) (string, uintptr) {
+	t.Helper()
+	o = cloneOptions(o)
+	if err := o.Resolve(); err != nil {
+		t.Fatalf("%s: resolve options: %v", name, err)
+	}
+	data, err := o.KernelData()
+	if err != nil {
+		t.Fatalf("%s: kernel data: %v", name, err)
+	}
+	if len(data) >= os.Getpagesize() {
+		t.Fatalf("%s: mount data of %d bytes exceeds a page", name, len(data))
+	}
+	var flags uintptr
+	if o.ReadOnly {
+		flags |= unix.MS_RDONLY
+	}
+	return data, flags
 }
 
 // FUSE is strata, mounted in-process with unionfs.Mount.
