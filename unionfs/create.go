@@ -142,13 +142,7 @@ func (s *Stack) setOwner(ctx context.Context, dirfd int, name string, spec newSp
 	if !ok {
 		return nil
 	}
-	uid, gid := c.Uid, c.Gid
-	if h, ok := s.opts.UIDMap.ToHost(uid); ok {
-		uid = h
-	}
-	if h, ok := s.opts.GIDMap.ToHost(gid); ok {
-		gid = h
-	}
+	uid, gid := s.hostUID(c.Uid), s.hostGID(c.Gid)
 	if pst.Mode&unix.S_ISGID != 0 {
 		gid = pst.Gid
 	}
