@@ -419,6 +419,8 @@ func (o *Options) KernelIncompatible() error {
 		return &OptionError{Option: "uidmapping/gidmapping", Reason: "FUSE-only option"}
 	case o.FsName != "":
 		return &OptionError{Option: "fsname", Reason: "FUSE-only option"}
+	case o.EntryTimeout != DefaultTimeout || o.AttrTimeout != DefaultTimeout || o.NegativeTimeout != DefaultTimeout:
+		return &OptionError{Option: "timeout", Reason: "FUSE-only option (kernel overlay has no cache timeouts)"}
 	}
 	return nil
 }

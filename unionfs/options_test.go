@@ -108,6 +108,17 @@ func TestKernelData(t *testing.T) {
 	if _, err := o.KernelData(); err == nil || !strings.Contains(err.Error(), "squash") {
 		t.Errorf("KernelData with squash: %v, want a squash error", err)
 	}
+	// Every FUSE-only option is refused by name, none dropped.
+	for opt, name := range map[string]string{"allow_other": "allow_other", "default_permissions": "default_permissions",
+		"squash_to_gid=3": "squash", "uidmapping=0:1:1": "uidmapping", "fsname=x": "fsname", "timeout=5": "timeout"} {
+		o, err := ParseOptions("lowerdir=/a,upperdir=/u,workdir=/w," + opt)
+		if err != nil {
+			t.Fatalf("%s: %v", opt, err)
+		}
+		if _, err := o.KernelData(); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("KernelData with %s: %v, want an error naming %s", opt, err, name)
+		}
+	}
 }
 
 func TestValidate(t *testing.T) {
