@@ -785,15 +785,6 @@ func TestFaultEIOSurfacesNotWedged(t *testing.T) {
 
 func unsafePointer(p *uint32) unsafe.Pointer { return unsafe.Pointer(p) }
 
-// knownBug marks a test that demonstrates a reported, not yet fixed strata
-// bug: it runs (and fails) only with STRATA_KNOWN_BUGS=1.
-func knownBug(t *testing.T, what string) {
-	t.Helper()
-	if os.Getenv("STRATA_KNOWN_BUGS") != "1" {
-		t.Skipf("known strata bug, not fixed yet: %s (STRATA_KNOWN_BUGS=1 runs this test, which then fails)", what)
-	}
-}
-
 // TestBugKill9DuringMountStartupUnkillable demonstrates a strata bug
 // found by TestFaultKill9AtRandomPoints (STRATA_FAULT_ITERS=100): a
 // daemon killed with SIGKILL right after its mount appears can stay

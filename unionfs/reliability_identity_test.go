@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -77,12 +78,15 @@ func TestCopyUpIdentityUnderInodeReuse(t *testing.T) {
 		rmdir bool
 	}{{"d/f", false}, {"g2", false}, {"d/sub", true}} {
 		ino := copyUp(c.path)
-		var inHook, recorded bool
+		// The hook runs in a server goroutine; the kernel orders it before
+		// the syscall returns, which the race detector cannot see.
+		var inHook, recorded atomic.Bool
 		name := filepath.Base(c.path)
 		unionfs.SetTestHookRemoved(func(n string) {
 			if n == name {
-				inHook = true
-				_, recorded = st.CopiedIdentity(ino)
+				_, ok := st.CopiedIdentity(ino)
+				recorded.Store(ok)
+				inHook.Store(true)
 			}
 		})
 		var err error
@@ -95,10 +99,10 @@ func TestCopyUpIdentityUnderInodeReuse(t *testing.T) {
 		if err != nil {
 			t.Fatalf("remove %s: %v", c.path, err)
 		}
-		if !inHook {
+		if !inHook.Load() {
 			t.Fatalf("remove %s: the test hook was not called", c.path)
 		}
-		if recorded {
+		if recorded.Load() {
 			t.Errorf("remove %s: the identity of its upper inode %d was still recorded after the object left the upper dir; a copy-up that gets the freed number loses its own record to the late delete", c.path, ino)
 		}
 		if _, ok := st.CopiedIdentity(ino); ok {

@@ -74,15 +74,3 @@ func (s *relStack) mount(t *testing.T, extra string) (srv *unionfs.Server, unmou
 }
 
 func (s *relStack) m(p string) string { return filepath.Join(s.mnt, p) }
-
-// knownBug marks a test that demonstrates a strata bug which is reported
-// and not fixed yet: it fails while the bug is there. It runs when
-// STRATA_KNOWN_BUGS=1; otherwise it is skipped with that reason, so that
-// the suite stays green for everyone else until the core is fixed (then
-// the skip goes and the test guards against a regression).
-func knownBug(t *testing.T, what string) {
-	t.Helper()
-	if os.Getenv("STRATA_KNOWN_BUGS") != "1" {
-		t.Skipf("known strata bug, not fixed yet: %s (STRATA_KNOWN_BUGS=1 runs this test, which then fails)", what)
-	}
-}

@@ -129,13 +129,6 @@ type Config struct {
 	// HangTimeout: a worker op that takes longer is a hang; the run then
 	// aborts the FUSE connection and fails. 0 means 2 minutes.
 	HangTimeout time.Duration
-	// SerializeSharedOpens makes the workers take turns opening
-	// shared/log (its first appends still copy it up concurrently with
-	// the other shared changes). It steers around a known strata bug:
-	// concurrent opens of one file under FUSE passthrough sometimes fail
-	// with EIO (unionfs.TestBugPassthroughConcurrentOpensEIO). Leave it
-	// off to hunt that bug.
-	SerializeSharedOpens bool
 	// Logf, if set, receives progress lines.
 	Logf func(format string, args ...any)
 }
@@ -148,7 +141,7 @@ type Report struct {
 	Counts   map[string]int64
 	Expected map[string]int64 // expected errors seen ("rmdir ENOTEMPTY")
 	// EINTR counts calls that strata answered with EINTR and the workers
-	// retried (a known strata bug: unionfs.TestBugSpuriousEINTR).
+	// retried (strata must not: unionfs.TestNoSpuriousEINTR guards that).
 	EINTR int64
 	// Checks lists each verification done and its outcome.
 	Checks []string
@@ -187,7 +180,7 @@ func (r *Report) String() string {
 		fmt.Fprintf(&b, "  expected error %-24s %6d\n", k, r.Expected[k])
 	}
 	if r.EINTR > 0 {
-		fmt.Fprintf(&b, "  EINTR answers retried (known strata bug): %d\n", r.EINTR)
+		fmt.Fprintf(&b, "  EINTR answers retried (a strata bug, see unionfs.TestNoSpuriousEINTR): %d\n", r.EINTR)
 	}
 	for _, c := range r.Checks {
 		fmt.Fprintf(&b, "  check: %s\n", c)
@@ -281,7 +274,6 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	trees, shared := f.Split()
 	workers := make([]*worker, cfg.Workers)
 	var ops atomic.Int64
-	var sharedMu sync.Mutex
 	for i := range workers {
 		workers[i] = &worker{id: i, mnt: f.Mnt, rng: rand.New(rand.NewPCG(cfg.Seed, uint64(i)+1)), t: trees[i],
 			shared: shared, f: f, errs: map[string]int64{}, ops: &ops}
@@ -289,9 +281,6 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			workers[i].budget = (cfg.Ops + int64(i)) / int64(cfg.Workers)
 		}
 		workers[i].inOp.Store("")
-		if cfg.SerializeSharedOpens {
-			workers[i].sharedMu = &sharedMu
-		}
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	if cfg.Duration > 0 {

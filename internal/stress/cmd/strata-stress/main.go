@@ -31,7 +31,6 @@ func main() {
 	seed := flag.Uint64("seed", 0, "seed (0: time-based)")
 	bin := flag.String("strata", "", "mount with this strata binary (daemon); default: in this process")
 	kernel := flag.Bool("kernel", true, "also check the fixture and the final upper under kernel overlay")
-	knownBugs := flag.Bool("knownbugs", false, "do not steer around known strata bugs (concurrent opens of shared/log)")
 	dir := flag.String("dir", "", "work directory (default: a new temp dir, removed afterwards)")
 	keep := flag.Bool("keep", false, "keep the work directory")
 	verbose := flag.Bool("v", false, "log progress and strata warnings")
@@ -52,7 +51,7 @@ func main() {
 		}
 	}
 	cfg := stress.Config{Dir: d, Workers: *workers, Ops: *ops, Duration: *duration, Seed: *seed,
-		Kernel: *kernel, SerializeSharedOpens: !*knownBugs}
+		Kernel: *kernel}
 	if *verbose {
 		cfg.Logf = func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }
 		cfg.Mount = stress.InProcess("", slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
