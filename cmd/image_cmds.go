@@ -345,8 +345,9 @@ func imageMountOptions(s *image.Store, img *image.Image, f *imageMountFlags) (un
 	}
 	// Through ParseOptions, so that every default (timeouts, squash ids)
 	// is the one a plain mount gets, and -o extras are checked alike.
+	d := unionfs.DefaultTimeout
 	o := unionfs.Options{Lowers: lowers, Upper: f.upper, Work: f.work, UserXattr: s.NS() == whiteout.User,
-		SquashUID: -1, SquashGID: -1}
+		SquashUID: -1, SquashGID: -1, EntryTimeout: d, AttrTimeout: d, NegativeTimeout: d}
 	data := o.String()
 	if len(f.options) > 0 {
 		data += "," + strings.Join(f.options, ",")
