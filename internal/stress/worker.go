@@ -499,15 +499,9 @@ func (w *worker) step() error {
 		}
 		w.records = append(w.records, rec)
 	case OpLogRead:
-		if len(w.records) == 0 {
-			// Read the log only once this worker's own append has copied
-			// it up: a reader holding the lower file while another worker
-			// opens it for write hits a known strata bug (EIO; see
-			// unionfs.TestBugPassthroughOpenForWriteWhileLowerOpenEIO),
-			// which has its own test, and would otherwise make this run
-			// fail at random.
-			return nil
-		}
+		// Before this worker's first append the log may still be the
+		// lower file, which another worker's append copies up while this
+		// read holds it open (unionfs.TestPassthroughOpenForWriteWhileLowerOpen).
 		w.note("log-read")
 		b, err := os.ReadFile(w.full(LogPath))
 		if err != nil {
