@@ -4,12 +4,14 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -371,6 +373,67 @@ func paxRecord(k, v string) []byte {
 	for l := len(fmt.Sprint(n)); ; l++ {
 		if len(fmt.Sprint(n+l)) == l {
 			return []byte(fmt.Sprint(n+l) + rest)
+		}
+	}
+}
+
+// gnuSparseHeader is a tar header block of an old-GNU sparse file ('S')
+// named name, declaring realSize bytes in total and no data at all.
+func gnuSparseHeader(name string, realSize uint64) []byte {
+	h := make([]byte, 512)
+	copy(h, name)
+	copy(h[100:], "0000644\x00")
+	copy(h[108:], "0000000\x00")
+	copy(h[116:], "0000000\x00")
+	copy(h[124:], "00000000000\x00") // size in the archive: 0
+	copy(h[136:], "00000000000\x00")
+	h[156] = tar.TypeGNUSparse
+	copy(h[257:], "ustar  \x00")
+	copy(h[386:], "00000000000\x00") // sparse map: one fragment, offset 0 ...
+	copy(h[398:], "00000000000\x00") // ... of 0 bytes
+	h[483] = 0x80                    // real size, base-256
+	for i := 0; i < 8; i++ {
+		h[483+11-i] = byte(realSize >> (8 * i))
+	}
+	for i := 148; i < 156; i++ {
+		h[i] = ' '
+	}
+	sum := 0
+	for _, c := range h {
+		sum += int(c)
+	}
+	copy(h[148:], fmt.Sprintf("%06o\x00 ", sum))
+	return h
+}
+
+// TestImportRefusesHugeSparse: a sparse entry declaring a petabyte of
+// holes is refused at once, by name, instead of making the unpacker write
+// (or skip) zeros for ever; skipped, it is not read as zeros either.
+func TestImportRefusesHugeSparse(t *testing.T) {
+	tarball := append(gnuSparseHeader("huge", 1<<50), make([]byte, 1024)...)
+	for _, skip := range []bool{false, true} {
+		_, target, unchanged := hostileEnv(t)
+		c, cancel := context.WithTimeout(ctx, time.Minute)
+		res, err := layer.Import(c, bytes.NewReader(tarball), target, layer.ImportOptions{SkipRefused: skip, NoSync: true})
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("skip=%v: import still busy after a minute", skip)
+		}
+		if !skip {
+			if err == nil || !strings.Contains(err.Error(), "huge") || !strings.Contains(err.Error(), "sparse") {
+				t.Errorf("import: %v, want a refusal of the sparse file huge", err)
+			}
+			unchanged()
+			continue
+		}
+		if err != nil {
+			t.Fatalf("import with SkipRefused: %v", err)
+		}
+		if len(res.Refused) != 1 || !strings.Contains(res.Refused[0].Name, "huge") {
+			t.Errorf("refused: %+v, want huge", res.Refused)
+		}
+		if _, err := os.Lstat(filepath.Join(target, "huge")); !os.IsNotExist(err) {
+			t.Errorf("huge was created: %v", err)
 		}
 	}
 }

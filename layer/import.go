@@ -274,6 +274,26 @@ type unpacker struct {
 	dirMeta []dirMeta
 	buf     []byte
 	raw     *hashReader // the input as read, for its digest
+	sparse  int64       // bytes declared by the sparse files so far
+}
+
+// maxSparseBytes bounds the total size that an archive's sparse files may
+// declare (data and holes).
+const maxSparseBytes = 64 << 30
+
+// isSparse reports whether hdr is a sparse file in one of the GNU formats
+// (old GNU type 'S', or PAX GNU.sparse.* records), whose holes archive/tar
+// fills in.
+func isSparse(hdr *tar.Header) bool {
+	if hdr.Typeflag == tar.TypeGNUSparse {
+		return true
+	}
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
 }
 
 type dirMeta struct {
@@ -309,7 +329,7 @@ func (u *unpacker) unpack(ctx context.Context, r io.Reader) error {
 		if err == io.EOF {
 			// archive/tar takes a stream that just stops between entries
 			// for a clean end; a real end has a zero block.
-			if stream.n-lastEnd < blockSize {
+			if lastEnd >= 0 && stream.n-lastEnd < blockSize {
 				if stream.n == 0 {
 					return fmt.Errorf("%w: empty input", ErrTruncated)
 				}
@@ -330,6 +350,13 @@ func (u *unpacker) unpack(ctx context.Context, r io.Reader) error {
 			u.refuse(hdr.Name, rf.reason)
 		}
 		u.dirs.endEntry()
+		if isSparse(hdr) {
+			// Draining it here would read its holes as zeros; the next
+			// Next skips its data in the archive. Where that data ends
+			// is then unknown, so the end-marker check is skipped.
+			lastEnd = -1
+			continue
+		}
 		if _, err := io.CopyBuffer(io.Discard, tr, u.buf); err != nil {
 			return readError(err, last)
 		}
@@ -431,6 +458,16 @@ func (u *unpacker) entry(ctx context.Context, hdr *tar.Header, r io.Reader) erro
 	case tar.TypeDir:
 		return u.dir(parts, hdr)
 	case tar.TypeReg, tar.TypeGNUSparse, tar.TypeCont:
+		if isSparse(hdr) {
+			// The archive holds only a sparse file's data; archive/tar
+			// makes up its holes as zeros, byte by byte. Bound that work,
+			// or a header declaring a petabyte of holes keeps the
+			// unpacker busy for ever.
+			u.sparse += hdr.Size
+			if hdr.Size < 0 || u.sparse > maxSparseBytes {
+				return refusef("sparse file of %d bytes: the archive's sparse files declare more than %d GiB", hdr.Size, maxSparseBytes>>30)
+			}
+		}
 		return u.file(ctx, parent, parts, hdr, r)
 	case tar.TypeSymlink:
 		return u.symlink(parent, parts, hdr)
