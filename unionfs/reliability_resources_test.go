@@ -174,15 +174,20 @@ func TestResourcesWalkBounded(t *testing.T) {
 
 	// Make the kernel forget its dentries and inodes: it sends FORGET for
 	// each, and strata must let go of the nodes and their directory fds.
-	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("2"), 0o200); err != nil {
-		t.Fatalf("drop_caches: %v", err)
-	}
+	// FORGETs arrive asynchronously, and a directory's dentry can go only
+	// after its children's: wait for both the heap and the fds to come
+	// down, dropping caches again now and then.
 	var heapDropped uint64
 	var fdDropped int
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	deadline := time.Now().Add(30 * time.Second)
+	for i := 0; ; i++ {
+		if i%8 == 0 {
+			if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("2"), 0o200); err != nil {
+				t.Fatalf("drop_caches: %v", err)
+			}
+		}
 		heapDropped, fdDropped = heapInuse(), stress.FdCount("self")
-		if heapDropped < heapBase+(heapWalked-heapBase)/4 || time.Now().After(deadline) {
+		if heapDropped < heapBase+(heapWalked-heapBase)/4 && fdDropped <= fdMounted+64 || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(250 * time.Millisecond)
