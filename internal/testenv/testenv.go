@@ -108,17 +108,11 @@ func RequireKernelOverlay(t testing.TB) {
 		if os.Geteuid() != 0 {
 			return "not root"
 		}
-		dir, err := os.MkdirTemp("", "strata-probe-")
+		dir, data, err := ProbeStack()
 		if err != nil {
 			return err.Error()
 		}
 		defer os.RemoveAll(dir)
-		for _, d := range []string{"l", "u", "w", "m"} {
-			if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
-				return err.Error()
-			}
-		}
-		data := "lowerdir=" + dir + "/l,upperdir=" + dir + "/u,workdir=" + dir + "/w"
 		if !initialUserNS() {
 			// Root of a user namespace: trusted.* is out of reach, so
 			// the overlay mounts tests make there use userxattr.
@@ -132,6 +126,23 @@ func RequireKernelOverlay(t testing.TB) {
 		}
 		return ""
 	}))
+}
+
+// ProbeStack makes a temporary dir with empty l, u, w and m dirs for a
+// probe mount, and returns it with the overlay mount data of l, u and w
+// (the caller mounts on dir/m and removes dir).
+func ProbeStack() (dir, data string, err error) {
+	dir, err = os.MkdirTemp("", "strata-probe-")
+	if err != nil {
+		return "", "", err
+	}
+	for _, d := range []string{"l", "u", "w", "m"} {
+		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
+			os.RemoveAll(dir)
+			return "", "", err
+		}
+	}
+	return dir, "lowerdir=" + dir + "/l,upperdir=" + dir + "/u,workdir=" + dir + "/w", nil
 }
 
 // RequireRoot checks that the test runs as root: euid 0. Root of a user

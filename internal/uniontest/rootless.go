@@ -531,18 +531,12 @@ func (k userNSKernel) Require(t testing.TB) {
 			if err != nil {
 				return err.Error()
 			}
-			dir, err := os.MkdirTemp("", "strata-probe-")
+			dir, data, err := testenv.ProbeStack()
 			if err != nil {
 				return err.Error()
 			}
 			defer os.RemoveAll(dir)
-			for _, d := range []string{"l", "u", "w", "m"} {
-				if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
-					return err.Error()
-				}
-			}
-			data := "lowerdir=" + dir + "/l,upperdir=" + dir + "/u,workdir=" + dir + "/w,userxattr"
-			if err := h.do("mount", dir+"/m", "0", data); err != nil {
+			if err := h.do("mount", dir+"/m", "0", data+",userxattr"); err != nil {
 				return err.Error()
 			}
 			if err := h.do("umount", dir+"/m"); err != nil {
