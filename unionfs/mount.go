@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -94,6 +95,7 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		unlockUpper(lockFd)
 		return nil, fmt.Errorf("mount %s: %w", mnt, err)
 	}
+	raiseReadahead(mnt, s.log)
 	// Passthrough is probed at the first open, when INIT has surely been
 	// answered (the daemon does not wait for it, see serve).
 	s.ptMu.Lock()
@@ -101,6 +103,48 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	s.ptMu.Unlock()
 	s.log.Info("mounted", "mountpoint", mnt, "options", o.String())
 	return &Server{fuse: srv, stack: s, mountpoint: mnt, lockFd: lockFd}, nil
+}
+
+// readahead is the most the kernel reads ahead of a sequential reader of
+// a file of the mount, in bytes: one READ request of the largest size.
+const readahead = 1 << 20
+
+// raiseReadahead lets the kernel read ahead as far as the mount's
+// negotiated maximum. The kernel starts every FUSE mount at 128 KiB (the
+// default of its backing device info, which INIT can only lower), so a
+// sequential read would cost a round trip per 128 KiB; only root may raise
+// it, through sysfs. The bdi exists once mount(2) returns; INIT, answered
+// later, keeps the smaller of this and max_readahead, which is the same.
+func raiseReadahead(mnt string, log *slog.Logger) {
+	if os.Geteuid() != 0 {
+		return
+	}
+	mounts, err := ReadMounts()
+	if err != nil {
+		return
+	}
+	minor, found := uint64(0), false
+	for _, m := range mounts {
+		if m.Mountpoint == mnt && m.Engine == EngineFUSE {
+			minor, found = m.Minor, true // the last one is on top
+		}
+	}
+	if !found {
+		return
+	}
+	p := fmt.Sprintf("/sys/class/bdi/0:%d/read_ahead_kb", minor)
+	cur, err := os.ReadFile(p)
+	if err != nil {
+		log.Info("cannot read the mount's readahead", "err", err)
+		return
+	}
+	want := readahead >> 10
+	if kb, err := strconv.Atoi(strings.TrimSpace(string(cur))); err == nil && kb >= want {
+		return
+	}
+	if err := os.WriteFile(p, []byte(strconv.Itoa(want)), 0o644); err != nil {
+		log.Info("cannot raise the mount's readahead", "err", err)
+	}
 }
 
 // fuseOptions renders o as go-fuse options.
@@ -133,7 +177,11 @@ func fuseOptions(o *Options, root *node) *fs.Options {
 		// on its own inodes; strata itself acts with the mounter's.
 		Options:      opts,
 		MaxWrite:     1 << 20,
-		MaxReadAhead: 1 << 20,
+		MaxReadAhead: readahead,
+		// Replies carry data from strata's buffers (ReadResultData), which
+		// go-fuse would first try to splice, taking a pipe and growing it
+		// for every READ before falling back to writev.
+		DisableSplice: true,
 		// Root mounts directly (no fusermount helper round trip), with
 		// the same flags a kernel overlay mount of these options gets.
 		DirectMount:          direct,

@@ -1,0 +1,55 @@
+package unionfs_test
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+
+	"strata/internal/testenv"
+	"strata/unionfs"
+)
+
+// TestReadaheadRaised checks that a root mount lets the kernel read ahead
+// 1 MiB (one READ of the largest size) instead of the 128 KiB every FUSE
+// mount starts with, and that a sequential read still returns the data.
+func TestReadaheadRaised(t *testing.T) {
+	testenv.RequireRoot(t)
+	s := newRelStack(t, 1)
+	data := make([]byte, 8<<20)
+	for i := range data {
+		data[i] = byte(i * 7 / 4096)
+	}
+	if err := os.WriteFile(s.lowers[0]+"/big", data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.mount(t, "")
+	mounts, err := unionfs.ReadMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var minor uint64
+	found := false
+	for _, m := range mounts {
+		if m.Mountpoint == s.mnt && m.Engine == unionfs.EngineFUSE {
+			minor, found = m.Minor, true
+		}
+	}
+	if !found {
+		t.Fatalf("mount %s not in mountinfo", s.mnt)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/sys/class/bdi/0:%d/read_ahead_kb", minor))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(string(b)); got != "1024" {
+		t.Errorf("read_ahead_kb = %s, want 1024", got)
+	}
+	got, err := os.ReadFile(s.m("big"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != string(data) {
+		t.Errorf("sequential read returned different data")
+	}
+}
