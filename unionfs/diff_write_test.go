@@ -514,6 +514,31 @@ func writeCases() []ut.Case {
 		},
 	})
 	add(ut.Case{
+		Name: "remove-open-dirs-fstat",
+		Lowers: []ut.Layer{
+			{ut.Dir("lower", 0o750), ut.Dir("merged", 0o755), ut.Dir("victim", 0o711), ut.Chmod("victim", 0o711)},
+			{ut.Dir("merged", 0o700), ut.File("merged/.keep", "", 0o644)},
+		},
+		Upper: ut.Layer{ut.Dir("upper", 0o705), ut.Dir("src", 0o755)},
+		Ops: func(r *ut.Recorder, mnt string) {
+			r.Unlink("merged/.keep")
+			dirs := []string{"lower", "merged", "upper", "victim"}
+			var hs []*ut.Handle
+			for _, d := range dirs {
+				hs = append(hs, r.Open(d, unix.O_RDONLY|unix.O_DIRECTORY, 0))
+			}
+			r.Rmdir("lower")
+			r.Rmdir("merged")
+			r.Rmdir("upper")
+			r.Rename("src", "victim")
+			for _, h := range hs {
+				h.Fstat()
+				h.Close()
+			}
+			r.ReadDir("")
+		},
+	})
+	add(ut.Case{
 		Name:   "unlink-one-of-lower-hard-links",
 		Lowers: []ut.Layer{{ut.File("a", "x", 0o644), ut.Link("b", "a")}},
 		Upper:  ut.Layer{},

@@ -204,19 +204,23 @@ func fuseOptions(o *Options, root *node) *fs.Options {
 	}
 }
 
-// serve mounts root at mnt and serves it, as fs.Mount does; pollHack false
-// skips go-fuse's poll hack (see Options.NoSelfAccess). The mount(2) or
-// fusermount3 call is done when fuse.NewServer returns; requests wait in
-// the kernel until Serve answers INIT.
+// serve mounts root at mnt and serves it, as fs.Mount does but with
+// directories opened by the kernel (openlessDirs); pollHack false skips
+// go-fuse's poll hack (see Options.NoSelfAccess), and Mount returns when
+// the mount(2) or fusermount3 call is done: requests wait in the kernel
+// until Serve answers INIT.
 func serve(mnt string, root *node, opts *fs.Options, pollHack bool) (*fuse.Server, error) {
-	if pollHack {
-		return fs.Mount(mnt, root, opts)
-	}
-	srv, err := fuse.NewServer(fs.NewNodeFS(root, opts), mnt, &opts.MountOptions)
+	raw := &openlessDirs{RawFileSystem: fs.NewNodeFS(root, opts)}
+	srv, err := fuse.NewServer(raw, mnt, &opts.MountOptions)
 	if err != nil {
 		return nil, err
 	}
 	go srv.Serve()
+	if pollHack {
+		if err := srv.WaitMount(); err != nil {
+			return nil, err
+		}
+	}
 	return srv, nil
 }
 

@@ -58,6 +58,16 @@ type node struct {
 	// handle's), else -1. Protected by mu.
 	tmpfd int
 
+	// gone holds the attributes of a removed directory as they were at its
+	// removal, for fstat(2) of its open fds (the kernel opens
+	// directories without telling strata, see openlessDirs). Protected by mu.
+	gone *unix.Stat_t
+
+	// listing is, for a directory, the merged listing the last READDIR
+	// from offset 0 made, kept for the READDIRs that continue it until one
+	// finds its end (see dirHandle.listing). Protected by mu.
+	listing []fuse.DirEntry
+
 	fds []*dirFd // protected by Stack.fds.mu
 
 	// locs lists the copies of a directory that a redirect moved (nil
@@ -134,6 +144,29 @@ func (n *node) state() (layer int, dirs []dirLayer, removed bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.layer, n.dirs, n.removed
+}
+
+// removeDir marks directory n removed, keeping st, its attributes at the
+// removal, for goneAttr: with no links if its top copy was the upper one
+// (the kernel then stats a dead directory), else as the lower copy still
+// has them. The caller holds n.mu.
+func (n *node) removeDir(st *unix.Stat_t) {
+	n.removed = true
+	gone := *st
+	if len(n.dirs) > 0 && n.dirs[0].layer == 0 {
+		gone.Nlink = 0
+	}
+	n.gone = &gone
+}
+
+// goneAttr returns the attributes of a removed directory at its removal.
+func (n *node) goneAttr() (unix.Stat_t, []dirLayer, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.removed || n.gone == nil {
+		return unix.Stat_t{}, nil, false
+	}
+	return *n.gone, n.dirs, true
 }
 
 // tmpFd returns the fd of an unnamed O_TMPFILE file, or -1.
@@ -360,7 +393,8 @@ func (s *Stack) childFor(ctx context.Context, n *node, name string, e *entry) *n
 var _ = (fs.NodeGetattrer)((*node)(nil))
 
 // Getattr returns n's attributes. With an open handle it uses the handle's
-// fd, which also works after the last name is gone.
+// fd, which also works after the last name is gone; a removed directory
+// shows its attributes at its removal, with no links.
 func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	s := n.s
 	if h, ok := asHandle(f); ok {
@@ -369,10 +403,12 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 			return 0
 		}
 	}
-	if d, ok := f.(*dirHandle); ok {
-		return d.Getattr(ctx, out)
-	}
 	st, dirs, err := s.stat(n)
+	if err == unix.ENOENT {
+		if gst, gdirs, ok := n.goneAttr(); ok {
+			st, dirs, err = gst, gdirs, nil
+		}
+	}
 	if err != nil {
 		return s.toErrno(ctx, "getattr", n, err)
 	}

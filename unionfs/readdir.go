@@ -169,13 +169,12 @@ func dtToMode(t uint8) uint32 {
 
 // dirHandle is an open directory. Like the kernel (which caches the merged
 // list in the struct file), it lists the directory once, at the first read,
-// and serves seeks from that list; a seek to 0 lists it anew.
+// and serves seeks from that list; a seek to 0 lists it anew. Directories
+// usually open without a round trip (see openless.go), so that every READDIR
+// comes with a handle of its own: one that starts at an offset other than 0
+// continues the listing its node kept from the read at offset 0.
 type dirHandle struct {
 	n *node
-	// fd is the directory's topmost layer copy, open for the handle's
-	// life: fstat(2) of an open directory keeps working after the
-	// directory is removed or replaced, as on any filesystem.
-	fd int
 
 	mu      sync.Mutex
 	entries []fuse.DirEntry // protected by mu; nil until the first read
@@ -188,46 +187,42 @@ var _ = (fs.NodeOpendirHandler)((*node)(nil))
 // listing (FOPEN_CACHE_DIR): strata is the only writer while mounted, and
 // every change through the mount invalidates it.
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	s := n.s
-	_, dirs, removed := n.state()
-	if removed {
+	if _, _, removed := n.state(); removed {
 		return nil, 0, syscall.ENOENT
 	}
-	ref, err := s.dirfd(n, dirs[0].layer)
-	if err != nil {
-		return nil, 0, s.toErrno(ctx, "opendir", n, err)
-	}
-	fd, err := unix.Openat(ref.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	s.release(ref)
-	if err != nil {
-		return nil, 0, s.toErrno(ctx, "opendir", n, err)
-	}
-	return &dirHandle{n: n, fd: fd}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+	return &dirHandle{n: n}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
 }
 
-var _ = (fs.FileGetattrer)((*dirHandle)(nil))
-
-// Getattr stats the open directory: after it is removed, its own fd is all
-// that reaches it.
-func (d *dirHandle) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
-	s := d.n.s
-	_, dirs, removed := d.n.state()
-	if !removed {
-		st, dirs, err := s.stat(d.n)
-		if err == nil {
-			s.fillAttr(d.n, dirs, &st, &out.Attr)
-			return 0
+// listing returns the entries d reads from: its own, else (a handle whose
+// first read is not at offset 0) the node's kept listing, else a new one.
+// A new listing read from offset 0 is kept on the node for the reads that
+// continue it; the read that finds its end drops it.
+func (d *dirHandle) listing(ctx context.Context) ([]fuse.DirEntry, syscall.Errno) {
+	if d.entries != nil {
+		return d.entries, 0
+	}
+	n := d.n
+	if d.pos > 0 {
+		n.mu.Lock()
+		kept := n.listing
+		if kept != nil && d.pos >= len(kept) {
+			n.listing = nil
+		}
+		n.mu.Unlock()
+		if kept != nil {
+			d.entries = kept
+			return kept, 0
 		}
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(d.fd, &st); err != nil {
-		return s.toErrno(ctx, "getattr", d.n, err)
+	entries, err := n.s.readdir(ctx, n)
+	if err != nil {
+		return nil, n.s.toErrno(ctx, "readdir", n, err)
 	}
-	if removed {
-		dirs = nil
-	}
-	s.fillAttr(d.n, dirs, &st, &out.Attr)
-	return 0
+	n.mu.Lock()
+	n.listing = entries
+	n.mu.Unlock()
+	d.entries = entries
+	return entries, 0
 }
 
 var _ = (fs.FileReaddirenter)((*dirHandle)(nil))
@@ -236,17 +231,14 @@ var _ = (fs.FileReaddirenter)((*dirHandle)(nil))
 func (d *dirHandle) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.entries == nil {
-		entries, err := d.n.s.readdir(ctx, d.n)
-		if err != nil {
-			return nil, d.n.s.toErrno(ctx, "readdir", d.n, err)
-		}
-		d.entries = entries
+	entries, errno := d.listing(ctx)
+	if errno != 0 {
+		return nil, errno
 	}
-	if d.pos >= len(d.entries) {
+	if d.pos >= len(entries) {
 		return nil, 0
 	}
-	e := d.entries[d.pos]
+	e := entries[d.pos]
 	d.pos++
 	return &e, 0
 }
@@ -273,10 +265,9 @@ func (d *dirHandle) Fsyncdir(ctx context.Context, flags uint32) syscall.Errno {
 
 var _ = (fs.FileReleasedirer)((*dirHandle)(nil))
 
-// Releasedir drops the listing and closes the directory.
+// Releasedir drops the listing.
 func (d *dirHandle) Releasedir(ctx context.Context, flags uint32) {
 	d.mu.Lock()
 	d.entries = nil
 	d.mu.Unlock()
-	unix.Close(d.fd)
 }

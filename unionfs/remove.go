@@ -98,9 +98,12 @@ func (s *Stack) remove(ctx context.Context, p *node, name string, isDir bool) er
 	if h := testHookRemoved.Load(); h != nil {
 		(*h)(name)
 	}
-	if !inUpper || lastName {
+	switch {
+	case isDir:
+		child.removeDir(&e.st)
+	case !inUpper || lastName:
 		child.removed = true
-	} else {
+	default:
 		child.unlinked(p, name)
 	}
 	if isDir {

@@ -200,9 +200,12 @@ func (s *Stack) rename(ctx context.Context, op *node, oldName string, np *node, 
 		}
 	case newExists:
 		newNode.mu.Lock()
-		if newIsDir || ne.layer != 0 || ne.st.Nlink <= 1 {
+		switch {
+		case newIsDir:
+			newNode.removeDir(&ne.st)
+		case ne.layer != 0 || ne.st.Nlink <= 1:
 			newNode.removed = true
-		} else {
+		default:
 			newNode.unlinked(np, newName)
 		}
 		newNode.mu.Unlock()
