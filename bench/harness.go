@@ -311,9 +311,12 @@ func repoRoot() (string, error) {
 func (h *harness) runAll(ctx context.Context, rep *report) error {
 	total := 0
 	for _, w := range h.cfg.workloads {
-		n := len(h.modesOf(w))
-		if h.followUpOf(w) != nil {
-			n *= 2
+		n := 0
+		for _, mode := range h.modesOf(w) {
+			n++
+			if h.followUpOf(w, mode) != nil {
+				n++
+			}
 		}
 		total += n * len(h.engines)
 	}
@@ -337,7 +340,10 @@ func (h *harness) runAll(ctx context.Context, rep *report) error {
 	for r := 1; r <= h.cfg.reps; r++ {
 		for _, w := range h.cfg.workloads {
 			for _, mode := range h.modesOf(w) {
-				fu := h.followUpOf(w)
+				if mode == modeWarm && w.warmAfterCold(h.modesOf(w)) {
+					continue // measured as the cold run's follow-up
+				}
+				fu := h.followUpOf(w, mode)
 				for i := range h.engines {
 					e := h.engines[(i+r-1)%len(h.engines)]
 					if err := ctx.Err(); err != nil {
@@ -372,9 +378,10 @@ func (h *harness) runAll(ctx context.Context, rep *report) error {
 	return nil
 }
 
-// followUpOf returns w's follow-up if its workload and mode were selected.
-func (h *harness) followUpOf(w *workload) *followUp {
-	fu := w.followUp
+// followUpOf returns the follow-up of w's run in mode if its workload and
+// mode were selected.
+func (h *harness) followUpOf(w *workload, mode string) *followUp {
+	fu := w.followUpOf(mode, h.modesOf(w))
 	if fu == nil || !slices.Contains(h.cfg.modes, fu.mode) {
 		return nil
 	}

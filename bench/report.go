@@ -340,7 +340,7 @@ func (r *report) headerLines() []string {
 		ls = append(ls, "fuse-overlayfs: "+h.FuseOverlay)
 	}
 	ls = append(ls,
-		fmt.Sprintf("profile: %s, %d repetitions, modes %s (cold: caches dropped before mounting; warm: one untimed warm-up in the same mount)",
+		fmt.Sprintf("profile: %s, %d repetitions, modes %s (cold: caches dropped before mounting; warm: one untimed warm-up in the same mount, for read-only workloads the cold run)",
 			h.Profile, h.Reps, strings.Join(h.Modes, ",")),
 		"fixture ($FIX): "+h.Fixture,
 		"fixture: "+h.FixtureDesc,

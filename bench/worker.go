@@ -96,11 +96,11 @@ func runWorker(ctx context.Context, name, phase, mode, dir, fixDir, syncDir stri
 	n, err := w.run(c)
 	res.Seconds = time.Since(start).Seconds()
 	res.Ops, res.Bytes = n.ops, n.bytes
-	if err != nil || !follow || w.followUp == nil {
+	if err != nil || !follow {
 		return res, err
 	}
 	start = time.Now()
-	n, err = w.followUp.run(c)
+	n, err = w.followUpStep().run(c)
 	res.FollowUp = &workerResult{Seconds: time.Since(start).Seconds(), Ops: n.ops, Bytes: n.bytes}
 	if err != nil {
 		res.FollowUp.Err = err.Error()

@@ -10,13 +10,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 
 	"golang.org/x/sys/unix"
 )
 
 // Modes. Cold drops the page, dentry and inode caches before mounting; warm
 // runs the workload's warm-up (by default the workload itself) untimed in
-// the same mount first.
+// the same mount first. A read-only workload measured in both modes takes
+// its warm sample right after its cold run, in the same mount and worker:
+// the cold run is exactly the warm-up warm mode asks for (see
+// workload.followUpOf).
 const (
 	modeCold = "cold"
 	modeWarm = "warm"
@@ -65,6 +69,32 @@ type workload struct {
 type followUp struct {
 	workload, mode string
 	run            func(c *wctx) (count, error)
+}
+
+// followUpOf returns the step that follows w's run in mode when the modes
+// in modes are measured (nil if none): see followUpStep.
+func (w *workload) followUpOf(mode string, modes []string) *followUp {
+	if w.followUp != nil || (mode == modeCold && w.warmAfterCold(modes)) {
+		return w.followUpStep()
+	}
+	return nil
+}
+
+// followUpStep is the step a worker asked for a follow-up times after
+// w's run: w's own followUp, else w again as its warm sample (the cold run
+// having been the warm-up).
+func (w *workload) followUpStep() *followUp {
+	if w.followUp != nil {
+		return w.followUp
+	}
+	return &followUp{workload: w.name, mode: modeWarm, run: w.run}
+}
+
+// warmAfterCold reports whether w's warm sample is taken as the follow-up
+// of its cold run when the modes in modes are measured.
+func (w *workload) warmAfterCold(modes []string) bool {
+	return !w.mutates && w.warm == nil && w.prepare == nil &&
+		slices.Contains(modes, modeCold) && slices.Contains(modes, modeWarm)
 }
 
 // inPlacePaths returns w.inPlace(m), or nothing.
