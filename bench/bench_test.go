@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -131,6 +132,17 @@ func TestSmoke(t *testing.T) {
 	}
 	if len(rep.Header.Engines) == 0 {
 		t.Fatal("no engine ran")
+	}
+	// The progress log counts up to the total it announced.
+	var last string
+	for _, l := range strings.Split(stderr.String(), "\n") {
+		if strings.HasPrefix(l, "[") {
+			last = l
+		}
+	}
+	var done, total int
+	if _, err := fmt.Sscanf(last, "[%d/%d", &done, &total); err != nil || done != total {
+		t.Errorf("last progress line %q: want [N/N ...]", last)
 	}
 	for name, why := range rep.Header.Skipped {
 		t.Logf("skipped engine %s: %s", name, why)

@@ -313,6 +313,9 @@ func (h *harness) runAll(ctx context.Context, rep *report) error {
 	for _, w := range h.cfg.workloads {
 		n := 0
 		for _, mode := range h.modesOf(w) {
+			if mode == modeWarm && w.warmAfterCold(h.modesOf(w)) {
+				continue // counted as the cold run's follow-up
+			}
 			n++
 			if h.followUpOf(w, mode) != nil {
 				n++
