@@ -312,10 +312,7 @@ func (h *harness) runAll(ctx context.Context, rep *report) error {
 	total := 0
 	for _, w := range h.cfg.workloads {
 		n := 0
-		for _, mode := range h.modesOf(w) {
-			if mode == modeWarm && w.warmAfterCold(h.modesOf(w)) {
-				continue // counted as the cold run's follow-up
-			}
+		for _, mode := range h.runModesOf(w) {
 			n++
 			if h.followUpOf(w, mode) != nil {
 				n++
@@ -342,10 +339,7 @@ func (h *harness) runAll(ctx context.Context, rep *report) error {
 	}
 	for r := 1; r <= h.cfg.reps; r++ {
 		for _, w := range h.cfg.workloads {
-			for _, mode := range h.modesOf(w) {
-				if mode == modeWarm && w.warmAfterCold(h.modesOf(w)) {
-					continue // measured as the cold run's follow-up
-				}
+			for _, mode := range h.runModesOf(w) {
 				fu := h.followUpOf(w, mode)
 				for i := range h.engines {
 					e := h.engines[(i+r-1)%len(h.engines)]
@@ -394,6 +388,16 @@ func (h *harness) followUpOf(w *workload, mode string) *followUp {
 		}
 	}
 	return nil
+}
+
+// runModesOf returns the modes of w that get runs of their own: those of
+// modesOf, less a warm mode measured as the cold run's follow-up.
+func (h *harness) runModesOf(w *workload) []string {
+	ms := h.modesOf(w)
+	if w.warmAfterCold(ms) {
+		return slices.DeleteFunc(slices.Clone(ms), func(m string) bool { return m == modeWarm })
+	}
+	return ms
 }
 
 // modesOf returns the requested modes that w runs in, cold first.
