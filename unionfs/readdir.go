@@ -243,6 +243,22 @@ func (d *dirHandle) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Err
 	return &e, 0
 }
 
+var _ = (fs.FileLookuper)((*dirHandle)(nil))
+
+// Lookup looks up a name READDIRPLUS lists. A name whose node is already
+// in the tree gets no entry: the kernel keeps the one it has (an entry
+// with node id 0 is "no attributes for this name", not ENOENT:
+// fs/fuse/readdir.c:fuse_direntplus_link), and strata, the only writer,
+// keeps that one current. This spares a walk of the layers per entry when
+// a directory is listed after its names were looked up (git status, rm -rf
+// of files just made).
+func (d *dirHandle) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if d.n.GetChild(name) != nil {
+		return nil, syscall.EEXIST
+	}
+	return d.n.Lookup(ctx, name, out)
+}
+
 var _ = (fs.FileSeekdirer)((*dirHandle)(nil))
 
 // Seekdir moves to the entry after offset off (offsets are positions + 1).
