@@ -334,7 +334,11 @@ func (r *report) headerLines() []string {
 		"go: " + h.GoVersion,
 	}
 	if h.Strata != "" {
-		ls = append(ls, "strata: "+strings.Join(strings.Fields(h.Strata+" "+h.Commit), " "))
+		v := h.Strata
+		if h.Commit != "" && !strings.Contains(v, h.Commit) { // strata version names its commit when built with VCS stamps
+			v += " " + h.Commit
+		}
+		ls = append(ls, "strata: "+v)
 	}
 	if h.FuseOverlay != "" {
 		ls = append(ls, "fuse-overlayfs: "+h.FuseOverlay)

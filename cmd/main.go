@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime/debug"
 	"sort"
 	"strings"
 
@@ -182,6 +183,31 @@ func printCommands(w io.Writer) {
 	fmt.Fprintf(w, "\nRun 'strata COMMAND --help' for a command's flags.\n")
 }
 
+// versionString is Version and, when the binary was built from a git
+// checkout, the commit (with "-dirty" if the tree had changes), so that a
+// report or a bench header names the code it ran.
+func versionString() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return Version
+	}
+	var rev, dirty string
+	for _, st := range bi.Settings {
+		switch st.Key {
+		case "vcs.revision":
+			rev = st.Value
+		case "vcs.modified":
+			if st.Value == "true" {
+				dirty = "-dirty"
+			}
+		}
+	}
+	if len(rev) < 7 {
+		return Version
+	}
+	return Version + " " + rev[:7] + dirty
+}
+
 func init() {
 	register(&command{
 		name: "version", args: "", summary: "print strata's version",
@@ -190,7 +216,7 @@ func init() {
 				if len(args) > 0 {
 					return usagef("takes no arguments")
 				}
-				fmt.Fprintf(e.stdout, "strata %s\n", Version)
+				fmt.Fprintf(e.stdout, "strata %s\n", versionString())
 				return nil
 			}
 		},
