@@ -394,7 +394,7 @@ var _ = (fs.NodeGetattrer)((*node)(nil))
 
 // Getattr returns n's attributes. With an open handle it uses the handle's
 // fd, which also works after the last name is gone; a removed directory
-// shows its attributes at its removal, with no links.
+// shows its attributes at its removal (see removeDir for its links).
 func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	s := n.s
 	if h, ok := asHandle(f); ok {
