@@ -41,21 +41,16 @@ func unmount(mnt string, lazy, abort bool) error {
 	if err != nil {
 		return err
 	}
-	var found *unionfs.MountInfo
-	for i := range mounts {
-		if mounts[i].Mountpoint == abs {
-			found = &mounts[i]
-		}
-	}
-	if found == nil {
+	found, ok := unionfs.TopMount(mounts, abs)
+	if !ok {
 		return fmt.Errorf("%s: not a strata or overlay mount", mnt)
 	}
-	if found.Engine == unionfs.EngineFUSE && (abort || unionfs.ServerGone(*found)) {
+	if found.Engine == unionfs.EngineFUSE && (abort || unionfs.ServerGone(found)) {
 		// A dead server's mount answers ENOTCONN; one whose server is
 		// stuck would keep its callers waiting forever. Aborting the
 		// connection fails every pending request, so that nothing stays
 		// blocked and the unmount can finish.
-		if err := unionfs.AbortFUSE(*found); err != nil && abort {
+		if err := unionfs.AbortFUSE(found); err != nil && abort {
 			return fmt.Errorf("%s: %w", mnt, err)
 		}
 	}

@@ -123,16 +123,11 @@ func raiseReadahead(mnt string, log *slog.Logger) {
 	if err != nil {
 		return
 	}
-	minor, found := uint64(0), false
-	for _, m := range mounts {
-		if m.Mountpoint == mnt && m.Engine == EngineFUSE {
-			minor, found = m.Minor, true // the last one is on top
-		}
-	}
-	if !found {
+	m, found := TopMount(mounts, mnt)
+	if !found || m.Engine != EngineFUSE {
 		return
 	}
-	p := fmt.Sprintf("/sys/class/bdi/0:%d/read_ahead_kb", minor)
+	p := fmt.Sprintf("/sys/class/bdi/0:%d/read_ahead_kb", m.Minor)
 	cur, err := os.ReadFile(p)
 	if err != nil {
 		log.Info("cannot read the mount's readahead", "err", err)

@@ -48,6 +48,19 @@ func ReadMounts() ([]MountInfo, error) {
 	return ParseMountInfo(f)
 }
 
+// TopMount returns the mount on top at mountpoint mnt (absolute) among
+// mounts, as ReadMounts lists them (in mount order, so the last is on top).
+func TopMount(mounts []MountInfo, mnt string) (MountInfo, bool) {
+	var top MountInfo
+	found := false
+	for _, m := range mounts {
+		if m.Mountpoint == mnt {
+			top, found = m, true
+		}
+	}
+	return top, found
+}
+
 // ParseMountInfo parses /proc/self/mountinfo text (proc(5)) and returns the
 // strata and overlay mounts in it.
 func ParseMountInfo(r io.Reader) ([]MountInfo, error) {

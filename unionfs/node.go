@@ -163,7 +163,7 @@ func (n *node) removeDir(st *unix.Stat_t) {
 func (n *node) goneAttr() (unix.Stat_t, []dirLayer, bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if !n.removed || n.gone == nil {
+	if n.gone == nil { // set only with removed, by removeDir
 		return unix.Stat_t{}, nil, false
 	}
 	return *n.gone, n.dirs, true

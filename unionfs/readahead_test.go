@@ -28,17 +28,11 @@ func TestReadaheadRaised(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var minor uint64
-	found := false
-	for _, m := range mounts {
-		if m.Mountpoint == s.mnt && m.Engine == unionfs.EngineFUSE {
-			minor, found = m.Minor, true
-		}
+	m, found := unionfs.TopMount(mounts, s.mnt)
+	if !found || m.Engine != unionfs.EngineFUSE {
+		t.Fatalf("FUSE mount %s not in mountinfo", s.mnt)
 	}
-	if !found {
-		t.Fatalf("mount %s not in mountinfo", s.mnt)
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/sys/class/bdi/0:%d/read_ahead_kb", minor))
+	b, err := os.ReadFile(fmt.Sprintf("/sys/class/bdi/0:%d/read_ahead_kb", m.Minor))
 	if err != nil {
 		t.Fatal(err)
 	}
