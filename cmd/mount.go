@@ -281,15 +281,15 @@ const serverPs = 4
 // lstats, asynchronous READs and RELEASEs) are served at once instead of
 // after a retake. Go's default here (2 Ps, 3 readers) had sysmon taking Ps
 // from waiting readers all the time (2.8 context switches and 60-70 µs of
-// server CPU per open+close, against 1.4-1.6 and 35 µs with one P); one P
-// throughout stopped every request while one handler waited on the disk.
-// Measured against one P (bench/, 3 repetitions each, medians): git status
-// cold 0.263 s instead of 0.358-0.386, reading the repo cold 1.64 s instead
-// of 1.99-2.40, unlinking 5,000 lower files 3.56 s instead of 4.07-4.70,
-// ls -lR warm 4.18 s instead of 4.69-4.87. It costs warm, cached
-// open-and-close work, whose requests overlap the kernel's asynchronous
-// RELEASEs: reading the repo's 4,000 cached files took 0.50 s instead of
-// 0.34; GOMAXPROCS=1 in the environment keeps one P.
+// server CPU per open+close, against 1.4-1.6 and 35 µs with one P); with
+// one P throughout, a handler waiting on the disk held up the others until
+// sysmon took its P. Measured against one P (bench/, 3 repetitions each,
+// medians): git status cold 0.263 s instead of 0.358-0.386, reading the
+// repo cold 1.64 s instead of 1.99-2.40, unlinking 5,000 lower files 3.56 s
+// instead of 4.07-4.70, ls -lR warm 4.18 s instead of 4.69-4.87. It costs
+// warm, cached open-and-close work, whose requests overlap the kernel's
+// asynchronous RELEASEs: reading the repo's 4,000 cached files took 0.50 s
+// instead of 0.34; GOMAXPROCS=1 in the environment keeps one P.
 func serverProcs() (started func()) {
 	if os.Getenv("GOMAXPROCS") != "" {
 		return func() {}
