@@ -1,8 +1,20 @@
 package cmd
 
 import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
 	"runtime"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"strata/internal/testenv"
 )
 
 // TestServerProcs checks the daemon's scheduler set-up: one P while go-fuse
@@ -28,5 +40,80 @@ func TestServerProcs(t *testing.T) {
 	started()
 	if n := runtime.GOMAXPROCS(0); n != 3 {
 		t.Errorf("with GOMAXPROCS=3 in the environment: GOMAXPROCS %d, want 3", n)
+	}
+}
+
+// TestStartWithTimerSlack: the child runs with the slack, from its first
+// thread on, and the starting thread gets its own slack back.
+func TestStartWithTimerSlack(t *testing.T) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	before, err := unix.PrctlRetInt(unix.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+	if err != nil {
+		t.Skipf("PR_GET_TIMERSLACK: %v", err)
+	}
+	var out bytes.Buffer
+	cmd := exec.Command("cat", "/proc/self/timerslack_ns")
+	cmd.Stdout = &out
+	if err := startWithTimerSlack(cmd, 3*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(out.String()); got != "3000000" {
+		t.Errorf("child's timer slack %s ns, want 3000000", got)
+	}
+	if after, _ := unix.PrctlRetInt(unix.PR_GET_TIMERSLACK, 0, 0, 0, 0); after != before {
+		t.Errorf("starting thread's timer slack %d ns afterwards, want %d back", after, before)
+	}
+}
+
+// TestDaemonTimerSlack: every thread of a mount daemon runs with
+// serverTimerSlack, sysmon included.
+func TestDaemonTimerSlack(t *testing.T) {
+	testenv.RequireFUSE(t)
+	_, l, u, w, m := stack(t)
+	out, err := exec.Command(strataBin, "mount", "-o", "lowerdir="+l+",upperdir="+u+",workdir="+w, m).CombinedOutput()
+	if err != nil {
+		t.Fatalf("strata mount: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command(strataBin, "umount", "--lazy", m).Run() })
+	out, err = exec.Command(strataBin, "status", "--json").Output()
+	if err != nil {
+		t.Fatalf("strata status: %v", err)
+	}
+	var mounts []struct {
+		Mountpoint string `json:"mountpoint"`
+		PID        int    `json:"pid"`
+	}
+	if err := json.Unmarshal(out, &mounts); err != nil {
+		t.Fatalf("strata status --json: %v: %s", err, out)
+	}
+	pid := 0
+	for _, mi := range mounts {
+		if mi.Mountpoint == m {
+			pid = mi.PID
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("no daemon pid for %s in %s", m, out)
+	}
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strconv.FormatInt(serverTimerSlack.Nanoseconds(), 10)
+	for _, task := range tasks {
+		b, err := os.ReadFile("/proc/" + task.Name() + "/timerslack_ns")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.TrimSpace(string(b)); got != want {
+			t.Errorf("daemon thread %s: timer slack %s ns, want %s", task.Name(), got, want)
+		}
+	}
+	if len(tasks) < 2 {
+		t.Errorf("daemon has %d threads; want the runtime's sysmon among them", len(tasks))
 	}
 }
