@@ -289,7 +289,7 @@ const serverPs = 4
 // medians): git status cold 0.263 s instead of 0.358-0.386, reading the
 // repo cold 1.64 s instead of 1.99-2.40, unlinking 5,000 lower files 3.56 s
 // instead of 4.07-4.70, ls -lR warm 4.18 s instead of 4.69-4.87. It costs
-// warm, cached open-and-close work: each of its requests (OPEN, FLUSH, the
+// warm, cached open-and-close work: each of its requests (OPEN, the
 // asynchronous RELEASE) wakes a waiting reader, where with one P they queue
 // while the P is busy and the next read(2) returns at once (1.89 against
 // 1.07 sleeps in read(2) per open+close), and reading the repo's 4,000

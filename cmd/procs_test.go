@@ -2,7 +2,6 @@ package cmd
 
 import (
 	"bytes"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"strata/internal/testenv"
+	"strata/unionfs"
 )
 
 // TestServerProcs checks the daemon's scheduler set-up: one P while go-fuse
@@ -79,27 +79,16 @@ func TestDaemonTimerSlack(t *testing.T) {
 		t.Fatalf("strata mount: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command(strataBin, "umount", "--lazy", m).Run() })
-	out, err = exec.Command(strataBin, "status", "--json").Output()
+	// The daemon records its state right after it reports the mount live.
+	st, err := unionfs.ReadState(m)
+	for i := 0; err != nil && i < 100; i++ {
+		time.Sleep(20 * time.Millisecond)
+		st, err = unionfs.ReadState(m)
+	}
 	if err != nil {
-		t.Fatalf("strata status: %v", err)
+		t.Fatalf("daemon state of %s: %v", m, err)
 	}
-	var mounts []struct {
-		Mountpoint string `json:"mountpoint"`
-		PID        int    `json:"pid"`
-	}
-	if err := json.Unmarshal(out, &mounts); err != nil {
-		t.Fatalf("strata status --json: %v: %s", err, out)
-	}
-	pid := 0
-	for _, mi := range mounts {
-		if mi.Mountpoint == m {
-			pid = mi.PID
-		}
-	}
-	if pid == 0 {
-		t.Fatalf("no daemon pid for %s in %s", m, out)
-	}
-	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", st.Pid))
 	if err != nil {
 		t.Fatal(err)
 	}
