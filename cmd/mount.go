@@ -224,8 +224,8 @@ func serveForeground(ctx context.Context, e *env, f *mountFlags, o unionfs.Optio
 		}()
 	}
 	srv, err := unionfs.Mount(mnt, o)
-	ready(f.readyFd, err)
 	if err != nil {
+		ready(f.readyFd, err)
 		return err
 	}
 	started()
@@ -233,6 +233,9 @@ func serveForeground(ctx context.Context, e *env, f *mountFlags, o unionfs.Optio
 		log.Warn("cannot record mount state for strata status", "err", err)
 	}
 	defer srv.RemoveState()
+	// Live, with its Ps set and its state recorded: once "strata mount"
+	// returns, "strata status" finds the record.
+	ready(f.readyFd, nil)
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)

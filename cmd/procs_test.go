@@ -74,17 +74,11 @@ func TestStartWithTimerSlack(t *testing.T) {
 func TestDaemonTimerSlack(t *testing.T) {
 	testenv.RequireFUSE(t)
 	_, l, u, w, m := stack(t)
-	out, err := exec.Command(strataBin, "mount", "-o", "lowerdir="+l+",upperdir="+u+",workdir="+w, m).CombinedOutput()
-	if err != nil {
+	if out, err := strata(t, "mount", "-o", "lowerdir="+l+",upperdir="+u+",workdir="+w, m); err != nil {
 		t.Fatalf("strata mount: %v: %s", err, out)
 	}
-	t.Cleanup(func() { exec.Command(strataBin, "umount", "--lazy", m).Run() })
-	// The daemon records its state right after it reports the mount live.
+	t.Cleanup(func() { strata(t, "umount", "--lazy", m) })
 	st, err := unionfs.ReadState(m)
-	for i := 0; err != nil && i < 100; i++ {
-		time.Sleep(20 * time.Millisecond)
-		st, err = unionfs.ReadState(m)
-	}
 	if err != nil {
 		t.Fatalf("daemon state of %s: %v", m, err)
 	}

@@ -496,7 +496,7 @@ func readCases() []ut.Case {
 		Upper: ut.Layer{ut.File("u", "", 0o644)},
 		Ops: func(r *ut.Recorder, mnt string) {
 			// Whole paths stay clear of PATH_MAX (4096 with its NUL) for
-			// any mount path up to 200 bytes (3800) or pass it for any
+			// any mount path up to 290 bytes (3800) or pass it for any
 			// (4100): near it, whether the call fails before reaching the
 			// filesystem (ENAMETOOLONG) or in it (ENOENT for a rename of
 			// a missing source) would depend on where each side is
